@@ -1,0 +1,284 @@
+"""Writer configuration: one frozen, validated dataclass shared by every front door and adapter."""
+
+from __future__ import annotations
+
+import math
+import unicodedata
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field, fields
+from typing import Literal, get_args
+
+from ._naming import FilenameTemplate
+
+__all__ = [
+    "DEFAULT_GREATER_KEYS",
+    "DEFAULT_LESS_KEYS",
+    "BestMetric",
+    "CheckpointerConfig",
+    "Mode",
+    "OnException",
+    "SnapshotMode",
+    "WhenFull",
+    "infer_mode",
+    "normalize_best",
+]
+
+Mode = Literal["greater", "less"]
+WhenFull = Literal["block", "skip", "coalesce"]
+OnException = Literal["drain", "abandon"]
+SnapshotMode = Literal["eager"]
+
+#: mmengine's defaults (``CheckpointHook._default_greater_keys`` / ``_default_less_keys``).
+DEFAULT_GREATER_KEYS: tuple[str, ...] = (
+    "acc", "top", "AR@", "auc", "precision", "mAP", "mDice", "mIoU", "mAcc", "aAcc",
+)
+DEFAULT_LESS_KEYS: tuple[str, ...] = ("loss",)
+
+
+def _check_metric_name(name: object, where: str) -> str:
+    if not isinstance(name, str):
+        raise TypeError(f"{where}: metric names must be str, got {type(name).__name__}")
+    if not name or name != name.strip():
+        raise ValueError(f"{where}: metric name {name!r} is empty or has surrounding whitespace")
+    if any(unicodedata.category(ch) == "Cc" for ch in name):
+        raise ValueError(f"{where}: metric name {name!r} contains a control character")
+    if len(name) > 200:
+        raise ValueError(f"{where}: metric name {name[:40]!r}... is longer than 200 characters")
+    return name
+
+
+def infer_mode(
+    name: str,
+    greater_keys: Iterable[str] = DEFAULT_GREATER_KEYS,
+    less_keys: Iterable[str] = DEFAULT_LESS_KEYS,
+) -> Mode:
+    """Infer whether a larger or a smaller value of metric ``name`` is better.
+
+    Case-insensitive exact match against the greater keys, then the less keys; then substring
+    match. Unlike mmengine, a name whose substrings match both sides (``heatmap_loss`` contains both
+    ``map`` and ``loss``) or neither is an error rather than a guess.
+
+    Raises:
+        ValueError: the rule cannot be inferred unambiguously; pass it explicitly.
+    """
+    lc = name.lower()
+    greater = {k.lower() for k in greater_keys}
+    less = {k.lower() for k in less_keys}
+    if lc in greater and lc not in less:
+        return "greater"
+    if lc in less and lc not in greater:
+        return "less"
+    g = sorted(k for k in greater if k in lc)
+    s = sorted(k for k in less if k in lc)
+    if g and not s:
+        return "greater"
+    if s and not g:
+        return "less"
+    if g and s:
+        reason = f"it contains both {g[0]!r} (greater is better) and {s[0]!r} (less is better)"
+    else:
+        reason = "it matches none of the known metric keys"
+    raise ValueError(
+        f"cannot infer whether a greater or a smaller {name!r} is better: {reason}; "
+        f"pass the rule explicitly, e.g. best={{{name!r}: 'greater'}}"
+    )
+
+
+@dataclass(frozen=True)
+class BestMetric:
+    """A metric with a best pointer: ``mode`` says which direction is better."""
+
+    name: str
+    mode: Mode
+
+    def __post_init__(self) -> None:
+        _check_metric_name(self.name, "best")
+        if self.mode not in get_args(Mode):
+            raise ValueError(
+                f"best[{self.name!r}]: mode must be 'greater' or 'less', got {self.mode!r}"
+            )
+
+    def is_better(self, value: float, than: float | None) -> bool:
+        """Whether ``value`` strictly improves on ``than`` (None: no best yet). NaN never does."""
+        if math.isnan(value):
+            return False
+        if than is None:
+            return True
+        return value > than if self.mode == "greater" else value < than
+
+
+def normalize_best(best: object) -> tuple[BestMetric, ...]:
+    """Turn the user's ``best=`` argument into ``BestMetric`` objects.
+
+    Accepts ``None``; a metric name; a mapping of name to ``'greater'``/``'less'``/``None``
+    (None: infer); or an iterable of names / ``BestMetric``. Names without a rule are inferred
+    with :func:`infer_mode`.
+
+    Raises:
+        TypeError: the argument has the wrong shape.
+        ValueError: a rule is invalid or cannot be inferred, or a metric is named twice.
+    """
+    if best is None:
+        return ()
+    items: list[tuple[object, object]]
+    if isinstance(best, str):
+        items = [(best, None)]
+    elif isinstance(best, Mapping):
+        items = list(best.items())
+    elif isinstance(best, Iterable):
+        items = []
+        for item in best:
+            if isinstance(item, BestMetric):
+                items.append((item.name, item.mode))
+            else:
+                items.append((item, None))
+    else:
+        raise TypeError(
+            "best must be a metric name, a mapping {name: 'greater'|'less'} or a list of names, "
+            f"got {type(best).__name__}"
+        )
+    out: list[BestMetric] = []
+    seen: set[str] = set()
+    for name, mode in items:
+        name = _check_metric_name(name, "best")
+        if name in seen:
+            raise ValueError(f"best: metric {name!r} is given twice")
+        seen.add(name)
+        if mode is None:
+            mode = infer_mode(name)
+        if mode not in get_args(Mode):
+            raise ValueError(f"best[{name!r}]: rule must be 'greater' or 'less', got {mode!r}")
+        out.append(BestMetric(name, mode))  # type: ignore[arg-type]
+    return tuple(out)
+
+
+def _positive_int(value: object, name: str, *, allow_none: bool = True) -> None:
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < 1:
+        raise ValueError(f"{name} must be >= 1, got {value}")
+
+
+@dataclass(frozen=True)
+class CheckpointerConfig:
+    """Everything a writer is configured with. Front doors build it from their keyword arguments.
+
+    Args:
+        filename: template for checkpoint names, fields ``{step}`` and ``{epoch}``.
+        queue_size: snapshots that may wait while one is being written (>= 1). Peak snapshot
+            memory is ``(queue_size + 1) x state size``.
+        when_full: what ``save()`` does when ``queue_size`` snapshots already wait: ``"block"``
+            until one is written, ``"skip"`` this save (counted, an event is emitted), or
+            ``"coalesce"`` (drop the oldest waiting snapshot in favour of this one).
+        keep_last: keep the newest N checkpoints (None: no limit from this rule).
+        keep_every_n_minutes: keep the first checkpoint of every M-minute window (MindSpore's
+            ``keep_checkpoint_per_n_minutes``), counted from the first checkpoint in the folder.
+        keep_period: keep checkpoints whose step is a multiple of K forever (Orbax's
+            ``keep_period``). Only meaningful together with a limiting rule above.
+        best: metrics with a best pointer (see :func:`normalize_best`); a checkpoint that a best
+            pointer names is never deleted while it is the best.
+        last_checkpoint: also maintain mmengine's ``last_checkpoint`` file.
+        on_exception: leaving the ``with`` block by an exception ``"drain"``s the queue (default)
+            or ``"abandon"``s it (in-flight work is cancelled; nothing half-written is left).
+        max_retries: how many times a transient storage failure is retried (0: never).
+        retry_backoff: base of the exponential backoff between retries, in seconds.
+        torch_crc32: also compute torch's own per-record CRC32 inside the file. Off by default:
+            asyncckpt checksums the whole file with xxh3-128 while streaming it, and
+            ``torch.load`` reads files without the CRC.
+        snapshot: how the state is copied; ``"eager"`` copies before ``save()`` returns.
+    """
+
+    filename: str = "step_{step}.pt"
+    queue_size: int = 1
+    when_full: WhenFull = "block"
+    keep_last: int | None = None
+    keep_every_n_minutes: float | None = None
+    keep_period: int | None = None
+    best: tuple[BestMetric, ...] = field(default=())
+    last_checkpoint: bool = True
+    on_exception: OnException = "drain"
+    max_retries: int = 3
+    retry_backoff: float = 0.05
+    torch_crc32: bool = False
+    snapshot: SnapshotMode = "eager"
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "best", normalize_best(self.best))
+        FilenameTemplate(self.filename)  # validates
+        _positive_int(self.queue_size, "queue_size", allow_none=False)
+        _positive_int(self.keep_last, "keep_last")
+        _positive_int(self.keep_period, "keep_period")
+        if self.keep_every_n_minutes is not None:
+            if isinstance(self.keep_every_n_minutes, bool) or not isinstance(
+                self.keep_every_n_minutes, (int, float)
+            ):
+                raise TypeError(
+                    "keep_every_n_minutes must be a number, "
+                    f"got {type(self.keep_every_n_minutes).__name__}"
+                )
+            if not (math.isfinite(self.keep_every_n_minutes) and self.keep_every_n_minutes > 0):
+                raise ValueError(
+                    f"keep_every_n_minutes must be > 0, got {self.keep_every_n_minutes}"
+                )
+        if (
+            self.keep_period is not None
+            and self.keep_last is None
+            and self.keep_every_n_minutes is None
+        ):
+            raise ValueError(
+                "keep_period only protects checkpoints from a limiting rule; without keep_last "
+                "or keep_every_n_minutes nothing is deleted anyway. Pass one of them as well."
+            )
+        for name, allowed in (
+            ("when_full", WhenFull),
+            ("on_exception", OnException),
+            ("snapshot", SnapshotMode),
+        ):
+            value = getattr(self, name)
+            if value not in get_args(allowed):
+                choices = ", ".join(repr(a) for a in get_args(allowed))
+                raise ValueError(f"{name} must be one of {choices}, got {value!r}")
+        if isinstance(self.max_retries, bool) or not isinstance(self.max_retries, int):
+            raise TypeError(f"max_retries must be an int, got {type(self.max_retries).__name__}")
+        if self.max_retries < 0:
+            raise ValueError(f"max_retries must be >= 0, got {self.max_retries}")
+        if not isinstance(self.retry_backoff, (int, float)) or not (
+            math.isfinite(self.retry_backoff) and self.retry_backoff >= 0
+        ):
+            raise ValueError(f"retry_backoff must be a finite number >= 0, got {self.retry_backoff!r}")
+        for name in ("last_checkpoint", "torch_crc32"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"{name} must be a bool, got {getattr(self, name)!r}")
+
+    @classmethod
+    def from_options(
+        cls, config: CheckpointerConfig | None, options: Mapping[str, object]
+    ) -> CheckpointerConfig:
+        """Build the config a front door was given: ``config=`` or keyword options, not both.
+
+        Raises:
+            TypeError: both were given, or an option is unknown.
+        """
+        if config is not None:
+            if options:
+                raise TypeError(
+                    "pass either config= or keyword options, not both "
+                    f"(got config and {', '.join(sorted(options))})"
+                )
+            if not isinstance(config, CheckpointerConfig):
+                raise TypeError(f"config must be a CheckpointerConfig, got {type(config).__name__}")
+            return config
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(options) - known)
+        if unknown:
+            raise TypeError(
+                f"unknown option(s) {', '.join(unknown)}; valid options: {', '.join(sorted(known))}"
+            )
+        return cls(**options)  # type: ignore[arg-type]
+
+    @property
+    def template(self) -> FilenameTemplate:
+        """The parsed filename template."""
+        return FilenameTemplate(self.filename)

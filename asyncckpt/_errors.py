@@ -1,0 +1,77 @@
+"""Exceptions raised by asyncckpt.
+
+One root, so ``except asyncckpt.CheckpointError`` catches everything the library raises on its own
+behalf; bad arguments raise the built-in ``TypeError`` / ``ValueError`` instead::
+
+    CheckpointError
+     ├── WriterError                 a background save failed; raised in the training loop at the
+     │                               next save()/flush()/close(), the original is ``__cause__``
+     ├── WriterClosedError           the checkpointer was used after close()
+     ├── StorageError                a storage backend operation failed (``__cause__``: the OS / SDK error)
+     │    └── TransientStorageError  worth retrying: throttling, timeouts, connection resets
+     ├── CorruptIndexError           the index document is unreadable or inconsistent
+     ├── IntegrityError              a checkpoint's bytes do not match the checksum in the index
+     └── CheckpointNotFoundError     no checkpoint matches the request (also a ``LookupError``)
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "CheckpointError",
+    "CheckpointNotFoundError",
+    "CorruptIndexError",
+    "IntegrityError",
+    "StorageError",
+    "TransientStorageError",
+    "WriterClosedError",
+    "WriterError",
+]
+
+
+class CheckpointError(Exception):
+    """Base class of every exception asyncckpt raises on its own behalf."""
+
+
+class WriterError(CheckpointError):
+    """A background save failed.
+
+    Raised in the caller at the next ``save()``, ``flush()`` or ``close()``; the original exception
+    is chained as ``__cause__``. When several saves failed before the caller looked, ``errors``
+    holds all of them, oldest first.
+    """
+
+    def __init__(self, message: str, errors: tuple[BaseException, ...] = ()) -> None:
+        super().__init__(message)
+        self.errors = errors
+
+
+class WriterClosedError(CheckpointError):
+    """The checkpointer is closed (or closing) and accepts no more saves."""
+
+
+class StorageError(CheckpointError):
+    """A storage backend operation failed permanently (or ran out of retries).
+
+    Attributes:
+        uri: the object or file the operation was about, when known.
+    """
+
+    def __init__(self, message: str, uri: str | None = None) -> None:
+        super().__init__(message)
+        self.uri = uri
+
+
+class TransientStorageError(StorageError):
+    """A storage failure worth retrying (throttling, timeouts, connection resets)."""
+
+
+class CorruptIndexError(CheckpointError):
+    """The index document cannot be parsed or does not describe a valid checkpoint set."""
+
+
+class IntegrityError(CheckpointError):
+    """A checkpoint's bytes do not match the size or checksum recorded in the index."""
+
+
+class CheckpointNotFoundError(CheckpointError, LookupError):
+    """No checkpoint matches the request (empty folder, unknown step, no best for a metric)."""

@@ -1,0 +1,262 @@
+"""Reading checkpoints back: ``load()`` and ``checkpoints()`` without opening a writer."""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import io
+import logging
+import os
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import anyio
+import torch
+
+from ._errors import CheckpointNotFoundError, IntegrityError
+from ._events import CheckpointInfo
+from ._index import IndexEntry, IndexState, PathKey
+from ._naming import INDEX_NAME
+from ._serialize import Hasher
+from .storage import Storage, storage_for
+
+__all__ = ["checkpoints", "load", "run_sync"]
+
+logger = logging.getLogger("asyncckpt")
+T = TypeVar("T")
+
+
+def run_sync(fn: Callable[[], Awaitable[T]]) -> T:
+    """Run an async function from sync code, also when this thread already runs an event loop
+    (Jupyter, an async caller): then it runs on a short-lived helper thread."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return anyio.run(fn)
+    with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="asyncckpt-load") as pool:
+        return pool.submit(anyio.run, fn).result()
+
+
+def _split(location: str) -> tuple[str, str]:
+    stripped = location.rstrip("/")
+    if "://" not in stripped:
+        head, tail = os.path.split(stripped)
+        return head or ".", tail
+    head, _, tail = stripped.rpartition("/")
+    return head, tail
+
+
+@dataclass
+class _Target:
+    storage: Storage
+    index: IndexState | None
+    name: str | None  # set when the source named a single file
+
+
+async def _read_index(storage: Storage) -> IndexState | None:
+    try:
+        data = await storage.read_bytes(INDEX_NAME)
+    except FileNotFoundError:
+        return None
+    return IndexState.from_json(data, storage.uri_of(INDEX_NAME))
+
+
+async def _open_target(source: Any, storage_options: Mapping[str, Any] | None) -> _Target:
+    storage = storage_for(source, storage_options=storage_options)
+    await storage.open(writer=False)
+    index = await _read_index(storage)
+    if index is not None or isinstance(source, Storage):
+        return _Target(storage, index, None)
+    await storage.aclose()
+    # Not a checkpoint folder: maybe a single checkpoint file inside one.
+    parent, name = _split(os.fspath(source))
+    folder = storage_for(parent, storage_options=storage_options)
+    await folder.open(writer=False)
+    if name and await folder.exists(name):
+        return _Target(folder, await _read_index(folder), name)
+    await folder.aclose()
+    raise CheckpointNotFoundError(
+        f"{os.fspath(source)} is neither a checkpoint folder (no {INDEX_NAME}) nor a file"
+    )
+
+
+def _select(index: IndexState, which: object, where: str) -> IndexEntry:
+    if not index.entries:
+        raise CheckpointNotFoundError(f"{where} holds no committed checkpoints")
+    if which == "latest":
+        return index.entries[-1]
+    if isinstance(which, str) and which.startswith("best:"):
+        metric = which[len("best:") :]
+        record = index.best.get(metric)
+        if record is None:
+            tracked = ", ".join(repr(m) for m in index.best) or "none"
+            raise CheckpointNotFoundError(
+                f"{where} has no best checkpoint for {metric!r} (metrics with one: {tracked})"
+            )
+        entry = index.get(record.name)
+        if entry is None:  # from_json validates this; kept for hand-built states
+            raise CheckpointNotFoundError(f"{where}: best {metric!r} names a missing entry")
+        return entry
+    if isinstance(which, int) and not isinstance(which, bool):
+        entry = index.by_step(which)
+        if entry is None:
+            steps = ", ".join(str(e.step) for e in index.entries[-10:])
+            raise CheckpointNotFoundError(
+                f"{where} has no checkpoint for step {which} (latest steps: {steps})"
+            )
+        return entry
+    if isinstance(which, str):
+        entry = index.get(which)
+        if entry is None:
+            raise CheckpointNotFoundError(f"{where} has no checkpoint named {which!r}")
+        return entry
+    raise TypeError(
+        "which must be 'latest', 'best:<metric>', a step (int) or a checkpoint name, "
+        f"got {which!r}"
+    )
+
+
+async def _verify_stream(storage: Storage, entry: IndexEntry) -> None:
+    hasher, size = Hasher(), 0
+    async for chunk in storage.read_stream(entry.name):
+        hasher.update(chunk)
+        size += len(chunk)
+    _check(storage, entry, size, hasher.hexdigest())
+
+
+def _check(storage: Storage, entry: IndexEntry, size: int, checksum: str) -> None:
+    uri = storage.uri_of(entry.name)
+    if size != entry.size:
+        raise IntegrityError(
+            f"{uri} is {size} bytes but the index recorded {entry.size}: the file was truncated "
+            "or replaced after it was committed"
+        )
+    if checksum != entry.checksum:
+        raise IntegrityError(
+            f"{uri} does not match its checksum (index {entry.checksum}, file {checksum}): "
+            "the file is corrupted"
+        )
+
+
+def _restore_numpy(tree: Any, path: PathKey) -> Any:
+    if not path:
+        if isinstance(tree, torch.Tensor) and tree.device.type == "cpu":
+            return tree.detach().numpy()
+        return tree
+    key, rest = path[0], path[1:]
+    if isinstance(tree, tuple) and isinstance(key, int) and 0 <= key < len(tree):
+        items = list(tree)
+        items[key] = _restore_numpy(items[key], rest)
+        return tuple(items)
+    if isinstance(tree, (dict, list)):
+        try:
+            tree[key] = _restore_numpy(tree[key], rest)  # type: ignore[index]
+        except (KeyError, IndexError, TypeError):
+            pass
+    return tree
+
+
+def checkpoints(
+    source: str | os.PathLike[str] | Storage,
+    *,
+    storage_options: Mapping[str, Any] | None = None,
+) -> list[CheckpointInfo]:
+    """List the committed checkpoints of a folder, oldest first, without opening a writer.
+
+    Raises:
+        CheckpointNotFoundError: ``source`` is not a checkpoint folder.
+        CorruptIndexError: its index cannot be read.
+    """
+
+    async def run() -> list[CheckpointInfo]:
+        target = await _open_target(source, storage_options)
+        try:
+            if target.index is None or target.name is not None:
+                raise CheckpointNotFoundError(f"{os.fspath(source)} is not a checkpoint folder")
+            return [
+                CheckpointInfo(e.name, target.storage.uri_of(e.name), e.step, e.epoch, e.time,
+                               e.size, e.checksum, dict(e.metrics))
+                for e in target.index.entries
+            ]
+        finally:
+            await target.storage.aclose()
+
+    return run_sync(run)
+
+
+def load(
+    source: str | os.PathLike[str] | Storage,
+    which: str | int = "latest",
+    *,
+    map_location: Any = None,
+    weights_only: bool = True,
+    verify: bool = True,
+    storage_options: Mapping[str, Any] | None = None,
+) -> Any:
+    """Load a checkpoint written by asyncckpt (or any torch.save file).
+
+    Args:
+        source: a checkpoint folder, or one checkpoint file in it (or outside any folder).
+        which: for a folder: ``"latest"``, ``"best:<metric>"``, a step, or a file name.
+        map_location: as for ``torch.load``.
+        weights_only: as for ``torch.load``; True (the default) refuses arbitrary pickles.
+            Passing False executes whatever the file's pickle says: only for files you trust.
+        verify: check the file's size and checksum against the index before loading.
+
+    Returns:
+        The saved state. Numpy arrays that were saved come back as numpy arrays (plain
+        ``torch.load`` returns them as tensors).
+
+    Raises:
+        CheckpointNotFoundError: nothing matches ``source`` / ``which``.
+        IntegrityError: the file does not match its checksum.
+        CorruptIndexError: the folder's index cannot be read.
+    """
+    if not isinstance(weights_only, bool):
+        raise TypeError(f"weights_only must be a bool, got {weights_only!r}")
+
+    async def fetch() -> tuple[str | bytes, IndexEntry | None]:
+        target = await _open_target(source, storage_options)
+        try:
+            if target.name is not None:
+                if which != "latest":
+                    raise ValueError(
+                        f"which={which!r} selects among a folder's checkpoints, but "
+                        f"{os.fspath(source)} is a single file"
+                    )
+                entry = target.index.get(target.name) if target.index is not None else None
+                name = target.name
+                if entry is None:
+                    logger.info("%s is not listed in an asyncckpt index; loading it unverified",
+                                target.storage.uri_of(name))
+            elif target.index is None:
+                raise CheckpointNotFoundError(f"{target.storage.uri} has no {INDEX_NAME}")
+            else:
+                entry = _select(target.index, which, target.storage.uri)
+                name = entry.name
+            path = target.storage.local_path(name)
+            if path is not None:
+                if verify and entry is not None:
+                    await _verify_stream(target.storage, entry)
+                return path, entry
+            data = await target.storage.read_bytes(name)
+            if verify and entry is not None:
+                hasher = Hasher()
+                hasher.update(data)
+                _check(target.storage, entry, len(data), hasher.hexdigest())
+            return data, entry
+        except FileNotFoundError as exc:
+            raise CheckpointNotFoundError(
+                f"{exc.filename or os.fspath(source)} is listed but missing"
+            ) from exc
+        finally:
+            await target.storage.aclose()
+
+    where, entry = run_sync(fetch)
+    fileobj: Any = io.BytesIO(where) if isinstance(where, bytes) else where
+    state = torch.load(fileobj, map_location=map_location, weights_only=weights_only)
+    if entry is not None:
+        for path in entry.numpy_paths:
+            state = _restore_numpy(state, path)
+    return state

@@ -1,0 +1,410 @@
+"""Snapshot stage: turn the caller's live state into an immutable host copy the writer owns.
+
+Two steps, so the writer can size and reserve a buffer before any byte is copied::
+
+    plan_snapshot(state)  walk the tree on the caller's thread: validate every object (TypeError
+                          naming its path), call state_dict() on modules/optimizers/schedulers,
+                          collect each distinct tensor storage once, and build the result tree
+                          with empty placeholder tensors
+    take_snapshot(plan, arena)
+                          copy every storage into one pooled arena (CUDA: on a side stream into
+                          pinned memory) and bind the placeholders to it with the original
+                          offsets/sizes/strides, so storage sharing is exactly what torch.save
+                          would have recorded
+
+After ``take_snapshot`` returns, the snapshot shares no memory with the caller's tensors: the
+caller may mutate or free them at once.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch.serialization import location_tag
+
+from ._index import PathKey
+from ._pool import Arena, align
+
+__all__ = ["Snapshot", "SnapshotPlan", "format_path", "plan_snapshot", "take_snapshot"]
+
+_SCALARS = (bool, int, float, complex, str, bytes, type(None), torch.dtype, torch.device)
+_KEY_SCALARS = (bool, int, float, complex, str, bytes, type(None))
+
+
+class _StateDictCall:
+    """Path marker for "the result of calling state_dict() on the object here"."""
+
+    def __repr__(self) -> str:
+        return ".state_dict()"
+
+
+_SD = _StateDictCall()
+
+
+def format_path(path: tuple[object, ...]) -> str:
+    """Render a path in the state as Python source: ``state['optim']['param_groups'][0]``."""
+    out = ["state"]
+    for key in path:
+        out.append(".state_dict()" if key is _SD else f"[{key!r}]")
+    return "".join(out)
+
+
+@dataclass(eq=False)
+class _StorageCopy:
+    src: torch.UntypedStorage
+    nbytes: int
+    device: torch.device
+    location: str
+    dtype: torch.dtype
+    first_path: tuple[object, ...]
+    offset: int = 0
+    dst: torch.UntypedStorage | None = None
+
+
+@dataclass(eq=False)
+class _TensorCopy:
+    dst: torch.Tensor
+    storage: int
+    storage_offset: int
+    size: tuple[int, ...]
+    stride: tuple[int, ...]
+
+
+@dataclass(eq=False)
+class SnapshotPlan:
+    """What a snapshot will copy; built by :func:`plan_snapshot`."""
+
+    tree: Any
+    storages: list[_StorageCopy]
+    tensors: list[_TensorCopy]
+    numpy_paths: list[PathKey]
+    #: tensors that cannot be pooled (sparse, quantized, conj views, ...) were cloned while
+    #: planning; their storages are kept here so the serializer may reference them zero-copy
+    cloned: list[torch.UntypedStorage]
+    nbytes: int
+
+    @property
+    def devices(self) -> set[torch.device]:
+        return {s.device for s in self.storages}
+
+
+@dataclass(eq=False)
+class Snapshot:
+    """An immutable host copy of a state, ready to serialize.
+
+    Attributes:
+        tree: the copied state (dicts/lists/tuples of host tensors and plain values).
+        nbytes: bytes of tensor data in the snapshot.
+        locations: storage ``_cdata`` -> torch location tag ("cuda:0", ...) for storages copied
+            from a device, so the file records the device the tensor came from, as torch.save would.
+        numpy_paths: where the caller passed numpy arrays (stored as tensors).
+        ranges: ``(address, nbytes)`` of memory this snapshot owns; the serializer may hand such
+            memory to storage without copying it.
+        arena: the pooled buffer holding the copies (returned to the pool when the write is done).
+    """
+
+    tree: Any
+    nbytes: int
+    locations: dict[int, str]
+    numpy_paths: list[PathKey]
+    ranges: list[tuple[int, int]]
+    arena: Arena | None
+    _keepalive: list[object] = field(default_factory=list, repr=False)
+
+
+def _numpy() -> Any:
+    return sys.modules.get("numpy")  # never import numpy just to find out a value is not an array
+
+
+def _check_key(key: object, path: tuple[object, ...]) -> None:
+    if type(key) in _KEY_SCALARS:
+        return
+    if type(key) is tuple:
+        for k in key:
+            _check_key(k, path)
+        return
+    raise TypeError(
+        f"{format_path(path)} has a dict key of type {type(key).__qualname__} ({key!r:.60}); "
+        "keys must be str, int, float, bool, bytes, None or tuples of those so that "
+        "torch.load(weights_only=True) can read the checkpoint"
+    )
+
+
+class _Planner:
+    def __init__(self) -> None:
+        self.storages: list[_StorageCopy] = []
+        self.tensors: list[_TensorCopy] = []
+        self.numpy_paths: list[PathKey] = []
+        self.cloned: list[torch.UntypedStorage] = []
+        self._by_cdata: dict[int, int] = {}
+        # id -> (original, copy): holding the original keeps its id from being reused by a
+        # temporary (e.g. a state_dict() result) while the walk is still running.
+        self._memo: dict[int, tuple[object, object]] = {}
+        self._active: dict[int, tuple[object, ...]] = {}
+
+    def visit(self, obj: object, path: tuple[object, ...]) -> object:
+        kind = type(obj)
+        if kind in _SCALARS or kind is torch.Size:
+            return obj
+        oid = id(obj)
+        if oid in self._memo:
+            copy = self._memo[oid][1]
+            np = _numpy()
+            if np is not None and isinstance(obj, np.ndarray):
+                self._record_numpy(path)
+            return copy
+        if oid in self._active:
+            raise TypeError(
+                f"{format_path(path)} refers back to {format_path(self._active[oid])}: the state "
+                "contains a reference cycle, which a checkpoint cannot represent"
+            )
+        self._active[oid] = path
+        try:
+            copy = self._visit_new(obj, kind, path)
+        finally:
+            del self._active[oid]
+        self._memo[oid] = (obj, copy)
+        return copy
+
+    def _visit_new(self, obj: Any, kind: type, path: tuple[object, ...]) -> object:
+        if kind is dict or kind is OrderedDict:
+            out: dict[object, object] = kind()
+            for key, value in obj.items():
+                _check_key(key, path)
+                out[key] = self.visit(value, (*path, key))
+            if kind is OrderedDict and obj.__dict__:
+                # nn.Module.state_dict() keeps per-module versions in ``_metadata``;
+                # load_state_dict() needs it to migrate old checkpoints.
+                for attr, value in obj.__dict__.items():
+                    setattr(out, attr, self.visit(value, (*path, attr)))
+            return out
+        if kind is list:
+            return [self.visit(v, (*path, i)) for i, v in enumerate(obj)]
+        if kind is tuple:
+            return tuple(self.visit(v, (*path, i)) for i, v in enumerate(obj))
+        if isinstance(obj, torch.Tensor):
+            return self._tensor(obj, path)
+        np = _numpy()
+        if np is not None and isinstance(obj, np.ndarray):
+            return self._ndarray(obj, path, np)
+        if np is not None and isinstance(obj, np.generic):
+            value = obj.item()
+            if type(value) not in _SCALARS:
+                raise TypeError(
+                    f"{format_path(path)} is a numpy {obj.dtype} scalar, which has no "
+                    "checkpointable Python equivalent"
+                )
+            return value
+        state_dict = getattr(obj, "state_dict", None)
+        if callable(state_dict) and not isinstance(obj, type):
+            return self.visit(state_dict(), (*path, _SD))
+        hint = ""
+        if isinstance(obj, (dict, list, tuple)):
+            hint = f" (a {kind.__qualname__}; convert it to a plain dict/list/tuple)"
+        elif callable(obj):
+            hint = " (functions and callables cannot be stored with weights_only=True)"
+        raise TypeError(
+            f"{format_path(path)}: cannot checkpoint an object of type "
+            f"{kind.__module__}.{kind.__qualname__}{hint}. Supported: tensors, numpy arrays, "
+            "dict/list/tuple, Python scalars, str/bytes, None, and objects with state_dict()."
+        )
+
+    def _record_numpy(self, path: tuple[object, ...]) -> None:
+        keys = tuple(k for k in path if k is not _SD)
+        if all(type(k) in (str, int) for k in keys):
+            self.numpy_paths.append(keys)  # type: ignore[arg-type]
+
+    def _ndarray(self, arr: Any, path: tuple[object, ...], np: Any) -> torch.Tensor:
+        if arr.dtype.hasobject or arr.dtype.kind not in "biufc":
+            raise TypeError(
+                f"{format_path(path)} is a numpy array of dtype {arr.dtype}, which has no tensor "
+                "equivalent; only bool/int/uint/float/complex arrays can be checkpointed"
+            )
+        if not arr.dtype.isnative:
+            arr = arr.astype(arr.dtype.newbyteorder("="))
+        if not arr.flags.writeable or any(s < 0 for s in arr.strides):
+            arr = np.array(arr, copy=True)  # torch.from_numpy refuses these; copy once
+        try:
+            tensor = torch.from_numpy(arr)
+        except TypeError as exc:
+            raise TypeError(f"{format_path(path)}: numpy array not convertible: {exc}") from None
+        self._record_numpy(path)
+        return self._tensor(tensor, path)
+
+    def _tensor(self, t: torch.Tensor, path: tuple[object, ...]) -> torch.Tensor:
+        kind = type(t)
+        if kind is not torch.Tensor and kind is not torch.nn.Parameter:
+            raise TypeError(
+                f"{format_path(path)} is a tensor subclass ({kind.__module__}.{kind.__qualname__});"
+                " convert it to a plain tensor (e.g. .full_tensor() / .as_subclass(torch.Tensor))"
+            )
+        if (
+            t.layout != torch.strided
+            or t.is_quantized
+            or t.is_conj()
+            or t.is_neg()
+            or t.device.type == "meta"
+            or t.is_nested
+        ):
+            return self._clone(t, path)
+        storage = t.untyped_storage()
+        index = self._by_cdata.get(storage._cdata)
+        if index is None:
+            index = len(self.storages)
+            self._by_cdata[storage._cdata] = index
+            self.storages.append(
+                _StorageCopy(storage, storage.nbytes(), t.device, location_tag(storage), t.dtype,
+                             path)
+            )
+        else:
+            spec = self.storages[index]
+            if spec.dtype != t.dtype:
+                raise TypeError(
+                    f"{format_path(path)} ({t.dtype}) and {format_path(spec.first_path)} "
+                    f"({spec.dtype}) view the same storage as different dtypes, which torch.save "
+                    "cannot store; clone one of them"
+                )
+        dst = torch.empty(0, dtype=t.dtype)
+        if kind is torch.nn.Parameter:
+            dst = torch.nn.Parameter(dst, requires_grad=t.requires_grad)
+        elif t.requires_grad:
+            dst.requires_grad_(True)
+        self.tensors.append(
+            _TensorCopy(dst, index, t.storage_offset(), tuple(t.size()), tuple(t.stride()))
+        )
+        return dst
+
+    def _clone(self, t: torch.Tensor, path: tuple[object, ...]) -> torch.Tensor:
+        """Copy a tensor the pool cannot hold (sparse, quantized, conj/neg views, meta)."""
+        try:
+            with torch.no_grad():
+                copy = t.detach().clone() if t.device.type in ("cpu", "meta") else t.detach().cpu()
+            if t.requires_grad:
+                copy.requires_grad_(True)
+        except Exception as exc:
+            raise TypeError(
+                f"{format_path(path)}: cannot snapshot a {t.layout} tensor on {t.device}: {exc}"
+            ) from exc
+        if copy.layout == torch.strided and copy.device.type == "cpu":
+            self.cloned.append(copy.untyped_storage())
+        return copy
+
+
+def plan_snapshot(state: object) -> SnapshotPlan:
+    """Validate ``state`` and plan its copy (no tensor data is copied yet, except for the rare
+    tensors the pool cannot hold).
+
+    Raises:
+        TypeError: something in the state cannot be checkpointed; the message names its path,
+            e.g. ``state['optim']['param_groups'][0]['fn']``.
+    """
+    planner = _Planner()
+    try:
+        tree = planner.visit(state, ())
+    except RecursionError:
+        raise TypeError(
+            "the state is nested too deeply to checkpoint (Python's recursion limit was reached)"
+        ) from None
+    offset = 0
+    for spec in planner.storages:
+        spec.offset = offset
+        offset += align(spec.nbytes)
+    return SnapshotPlan(
+        tree, planner.storages, planner.tensors, planner.numpy_paths, planner.cloned, offset
+    )
+
+
+class CudaCopier:
+    """Device-to-host copies on one side stream per device; streams are created once and reused."""
+
+    def __init__(self) -> None:
+        self._streams: dict[int, torch.cuda.Stream] = {}
+
+    def stream(self, device: torch.device) -> torch.cuda.Stream:
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        stream = self._streams.get(index)
+        if stream is None:
+            stream = self._streams[index] = torch.cuda.Stream(device=index)
+        return stream
+
+
+def _u8(storage: torch.UntypedStorage, device: torch.device) -> torch.Tensor:
+    return torch.empty(0, dtype=torch.uint8, device=device).set_(storage)
+
+
+def take_snapshot(
+    plan: SnapshotPlan,
+    arena: Arena,
+    copier: CudaCopier | None = None,
+) -> Snapshot:
+    """Copy everything ``plan`` describes into ``arena`` and return the snapshot.
+
+    Runs on the caller's thread (sync front door) or a worker thread (async front door); torch
+    releases the GIL while copying. CUDA storages are copied with ``non_blocking=True`` on a side
+    stream that first waits for the current stream, and this function returns only after those
+    copies completed (eager snapshot).
+    """
+    if arena.capacity < plan.nbytes:
+        raise ValueError(f"arena of {arena.capacity} bytes cannot hold {plan.nbytes} bytes")
+    base = arena.storage
+    cuda_events: list[torch.cuda.Event] = []
+    by_device: dict[torch.device, list[_StorageCopy]] = {}
+    for spec in plan.storages:
+        spec.dst = (
+            base[spec.offset : spec.offset + spec.nbytes]
+            if spec.nbytes
+            else torch.UntypedStorage(0)
+        )
+        by_device.setdefault(spec.device, []).append(spec)
+    with torch.no_grad():
+        for device, specs in by_device.items():
+            if device.type == "cuda":
+                if copier is None:
+                    copier = CudaCopier()
+                stream = copier.stream(device)
+                stream.wait_stream(torch.cuda.current_stream(device))
+                with torch.cuda.stream(stream):
+                    for spec in specs:
+                        if spec.nbytes:
+                            _u8(spec.dst, torch.device("cpu")).copy_(  # type: ignore[arg-type]
+                                _u8(spec.src, device), non_blocking=arena.pinned
+                            )
+                event = torch.cuda.Event()
+                event.record(stream)
+                cuda_events.append(event)
+            else:
+                for spec in specs:
+                    if spec.nbytes:
+                        _u8(spec.dst, torch.device("cpu")).copy_(  # type: ignore[arg-type]
+                            _u8(spec.src, device)
+                        )
+        for event in cuda_events:
+            event.synchronize()
+        for tc in plan.tensors:
+            spec = plan.storages[tc.storage]
+            tc.dst.set_(spec.dst, tc.storage_offset, tc.size, tc.stride)  # type: ignore[call-overload]
+    locations = {
+        spec.dst._cdata: spec.location  # type: ignore[union-attr]
+        for spec in plan.storages
+        if spec.device.type != "cpu"
+    }
+    ranges = [(arena.address, arena.capacity)] if arena.capacity else []
+    ranges += [(s.data_ptr(), s.nbytes()) for s in plan.cloned if s.nbytes()]
+    keepalive: list[object] = [spec.dst for spec in plan.storages]
+    keepalive += plan.cloned
+    # Drop the references to the caller's storages: the snapshot must not keep them alive.
+    for spec in plan.storages:
+        spec.src = None  # type: ignore[assignment]
+    return Snapshot(
+        tree=plan.tree,
+        nbytes=sum(s.nbytes for s in plan.storages) + sum(s.nbytes() for s in plan.cloned),
+        locations=locations,
+        numpy_paths=plan.numpy_paths,
+        ranges=ranges,
+        arena=arena,
+        _keepalive=keepalive,
+    )

@@ -1,0 +1,279 @@
+"""Sync front door: the async writer core driven from an ordinary training loop.
+
+The core runs on an event loop in one background thread for the checkpointer's whole life, and
+the training thread talks to it through one ``anyio.from_thread.BlockingPortal``. The snapshot
+copy runs on the training thread itself (the caller waits for it anyway), so a save costs two
+short portal calls around the copy: reserve a slot, then enqueue.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import os
+import threading
+import time
+import warnings
+import weakref
+from collections.abc import Callable, Iterable, Mapping
+from contextlib import AbstractContextManager
+from types import TracebackType
+from typing import Any
+
+import anyio
+from anyio.from_thread import BlockingPortal
+
+from ._config import CheckpointerConfig
+from ._errors import WriterClosedError
+from ._events import CheckpointInfo, CheckpointStats, Event
+from ._pool import BufferPool
+from ._writer import AsyncCheckpointer, SaveHandle, SaveStatus
+from .storage import Storage
+
+__all__ = ["Checkpointer", "SyncSaveHandle"]
+
+
+class _PortalThread:
+    """An event loop in a daemon thread, reachable through a BlockingPortal."""
+
+    def __init__(self, name: str) -> None:
+        ready: concurrent.futures.Future[BlockingPortal] = concurrent.futures.Future()
+
+        async def main() -> None:
+            async with BlockingPortal() as portal:
+                ready.set_result(portal)
+                await portal.sleep_until_stopped()
+
+        def run() -> None:
+            try:
+                anyio.run(main, backend="asyncio")
+            except BaseException as exc:  # surfaces in the constructor below
+                if not ready.done():
+                    ready.set_exception(exc)
+
+        # Daemon: a checkpointer the user forgot to close must not hang interpreter exit; the
+        # finalizer below drains it while the thread is still alive.
+        self.thread = threading.Thread(target=run, name=name, daemon=True)
+        self.thread.start()
+        self.portal = ready.result()
+
+    def stop(self) -> None:
+        self.portal.call(self.portal.stop)
+        self.thread.join()
+
+
+def _shutdown(portal_thread: _PortalThread, cm: AbstractContextManager[Any], warn: bool) -> None:
+    """Close a checkpointer that was garbage-collected or left open at interpreter exit."""
+    if warn:
+        warnings.warn(
+            "asyncckpt.Checkpointer was not closed; draining it now. Use `with Checkpointer(...)`"
+            " or call close().",
+            ResourceWarning,
+            stacklevel=2,
+        )
+    try:
+        cm.__exit__(None, None, None)
+    finally:
+        portal_thread.stop()
+
+
+class SyncSaveHandle:
+    """The outcome of one sync ``save()``; ``wait()`` blocks until it is durable."""
+
+    def __init__(self, portal: BlockingPortal, handle: SaveHandle) -> None:
+        self._portal = portal
+        self._handle = handle
+
+    def __repr__(self) -> str:
+        return f"<SyncSaveHandle {self.name!r} step={self.step} {self.status}>"
+
+    @property
+    def step(self) -> int:
+        return self._handle.step
+
+    @property
+    def epoch(self) -> int | None:
+        return self._handle.epoch
+
+    @property
+    def name(self) -> str:
+        return self._handle.name
+
+    @property
+    def status(self) -> SaveStatus:
+        return self._handle.status
+
+    @property
+    def info(self) -> CheckpointInfo | None:
+        return self._handle.info
+
+    @property
+    def error(self) -> BaseException | None:
+        return self._handle.error
+
+    def done(self) -> bool:
+        return self._handle.done()
+
+    def wait(self, timeout: float | None = None) -> CheckpointInfo | None:
+        """Block until the save is resolved.
+
+        Returns:
+            The committed checkpoint, or None if it was skipped or coalesced.
+
+        Raises:
+            TimeoutError: ``timeout`` seconds passed first.
+            WriterError: the save failed or was abandoned.
+        """
+        return self._portal.call(self._wait, timeout)
+
+    async def _wait(self, timeout: float | None) -> CheckpointInfo | None:
+        with anyio.fail_after(timeout):
+            return await self._handle.committed()
+
+
+class Checkpointer:
+    """Asynchronous checkpoint writer for ordinary (synchronous) training loops.
+
+    ::
+
+        with asyncckpt.Checkpointer("runs/exp1", keep_last=3, best={"loss": "less"}) as ckpt:
+            for step in range(1, n + 1):
+                ...
+                if step % 100 == 0:
+                    ckpt.save({"model": model, "optim": opt}, step=step, metrics={"loss": loss})
+        # leaving the block drains the queue; writer errors are raised here
+
+    ``save()`` returns once the state is copied; writing happens on a background event-loop
+    thread. Arguments are those of :class:`AsyncCheckpointer`; the checkpointer opens (and
+    resumes the folder) in the constructor.
+    """
+
+    def __init__(
+        self,
+        directory: str | os.PathLike[str] | Storage,
+        *,
+        config: CheckpointerConfig | None = None,
+        observers: Iterable[Callable[[Event], object]] = (),
+        storage_options: Mapping[str, Any] | None = None,
+        clock: Callable[[], float] | None = None,
+        **options: Any,
+    ) -> None:
+        extra = {} if clock is None else {"clock": clock}
+        self._core = AsyncCheckpointer(
+            directory, config=config, observers=observers, storage_options=storage_options,
+            **extra, **options,
+        )
+        self._thread = _PortalThread(name=f"asyncckpt-writer[{self._core.uri}]")
+        self._portal = self._thread.portal
+        cm = self._portal.wrap_async_context_manager(self._core)
+        try:
+            cm.__enter__()
+        except BaseException:
+            self._thread.stop()
+            raise
+        self._cm = cm
+        self._finalizer = weakref.finalize(self, _shutdown, self._thread, cm, True)
+
+    # -- delegation to the core ------------------------------------------------------------------
+    @property
+    def config(self) -> CheckpointerConfig:
+        return self._core.config
+
+    @property
+    def uri(self) -> str:
+        return self._core.uri
+
+    @property
+    def storage(self) -> Storage:
+        return self._core.storage
+
+    @property
+    def stats(self) -> CheckpointStats:
+        return self._core.stats
+
+    @property
+    def buffer_pool(self) -> BufferPool:
+        return self._core.buffer_pool
+
+    def subscribe(self, observer: Callable[[Event], object]) -> None:
+        """Call ``observer(event)`` for every event (on the writer's thread)."""
+        self._check_open()
+        self._portal.call(self._core.subscribe, observer)
+
+    def checkpoints(self) -> list[CheckpointInfo]:
+        """Committed checkpoints, oldest first."""
+        return self._core.checkpoints()
+
+    def latest(self) -> CheckpointInfo | None:
+        """The newest committed checkpoint, or None."""
+        return self._core.latest()
+
+    def best(self, metric: str) -> CheckpointInfo | None:
+        """The checkpoint with the best ``metric`` so far, or None."""
+        return self._core.best(metric)
+
+    def save(
+        self,
+        state: object,
+        *,
+        step: int,
+        epoch: int | None = None,
+        metrics: Mapping[str, float] | None = None,
+        name: str | None = None,
+    ) -> SyncSaveHandle:
+        """Snapshot ``state`` on this thread and queue it; see :meth:`AsyncCheckpointer.save`."""
+        t0 = time.perf_counter()
+        self._check_open()
+        request = self._portal.call(self._core._reserve, step, epoch, metrics, name, t0)
+        if not request.reserved:
+            return SyncSaveHandle(self._portal, request.handle)
+        try:
+            snapshot = self._core._take_snapshot(state)
+        except BaseException:
+            self._portal.call(self._core._unreserve, request)
+            raise
+        handle = self._portal.call(self._core._submit, request, snapshot)
+        return SyncSaveHandle(self._portal, handle)
+
+    def flush(self) -> None:
+        """Block until every queued save is resolved; raise any writer failure."""
+        self._check_open()
+        self._portal.call(self._core.flush)
+
+    def close(self) -> None:
+        """Drain the queue, release the folder and the writer thread; raise writer failures."""
+        self._exit(None, None, None)
+
+    @property
+    def closed(self) -> bool:
+        return not self._finalizer.alive
+
+    def _check_open(self) -> None:
+        if self.closed:
+            raise WriterClosedError(f"the checkpointer for {self.uri} is closed")
+
+    def __enter__(self) -> Checkpointer:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self._exit(exc_type, exc, tb)
+
+    def _exit(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if not self._finalizer.detach():
+            return  # already closed
+        try:
+            self._cm.__exit__(exc_type, exc, tb)
+        finally:
+            self._thread.stop()
+
+    def __repr__(self) -> str:
+        return f"<Checkpointer {self.uri!r}{' closed' if self.closed else ''}>"

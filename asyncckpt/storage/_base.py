@@ -1,0 +1,95 @@
+"""The storage interface every backend implements.
+
+A backend is a flat namespace of names (file names in a folder, keys under a prefix) with an
+atomic publish. The writer calls, in this order::
+
+    await storage.open(writer=True)      once: create the folder / check the bucket, take the lock
+    await storage.write(name, chunks)    publish a checkpoint: visible only once complete and durable
+    await storage.write_bytes(name, b)   publish the index / pointer files (same guarantee)
+    await storage.delete(name)           rotation, after the index stopped naming ``name``
+    await storage.aclose()               once
+
+Readers (``asyncckpt.load``, ``asyncckpt.checkpoints``) call ``open(writer=False)``, then
+``read_bytes`` / ``read_stream`` / ``list``. ``cleanup_temporaries`` removes what a crashed writer
+left in flight. Errors are raised as :class:`~asyncckpt.StorageError` (or
+:class:`~asyncckpt.TransientStorageError` when a retry may succeed), chaining the backend's own.
+"""
+
+from __future__ import annotations
+
+from abc import abstractmethod
+from collections.abc import AsyncIterable, AsyncIterator
+from typing import Any
+
+from anyio.abc import AsyncResource
+
+from .._naming import TMP_PREFIX
+
+__all__ = ["Buffer", "Storage"]
+
+Buffer = Any  # bytes, bytearray or memoryview: anything with the buffer protocol
+
+
+async def _once(data: Buffer) -> AsyncIterator[Buffer]:
+    yield data
+
+
+class Storage(AsyncResource):
+    """Abstract async storage backend (see the module docstring for the order of calls)."""
+
+    #: Base location, as users write it (a folder path or a URI).
+    uri: str
+
+    async def open(self, *, writer: bool) -> None:  # noqa: B027 - optional hook
+        """Prepare for use. ``writer=True``: create what is missing and take any writer lock."""
+
+    @abstractmethod
+    async def write(self, name: str, chunks: AsyncIterable[Buffer]) -> int:
+        """Publish ``name`` with the concatenated ``chunks``; return the number of bytes.
+
+        Atomic and durable: readers see either the previous object (or none) or all the new
+        bytes, and once this returns the bytes survive a crash. If ``chunks`` raises, or the
+        call is cancelled, nothing is published and nothing temporary is left behind.
+        """
+
+    async def write_bytes(self, name: str, data: Buffer) -> int:
+        """Publish a small object in one piece (same guarantees as :meth:`write`)."""
+        return await self.write(name, _once(data))
+
+    @abstractmethod
+    async def read_bytes(self, name: str) -> bytes:
+        """The whole content of ``name``. Raises ``FileNotFoundError`` when it does not exist."""
+
+    @abstractmethod
+    def read_stream(self, name: str, chunk_size: int = 8 << 20) -> AsyncIterator[bytes]:
+        """The content of ``name`` in chunks (an async generator)."""
+
+    @abstractmethod
+    async def delete(self, name: str) -> None:
+        """Remove ``name``; a name that does not exist is not an error."""
+
+    @abstractmethod
+    async def list(self) -> list[str]:
+        """All names directly in this folder/prefix, temporary ones included."""
+
+    @abstractmethod
+    async def exists(self, name: str) -> bool:
+        """Whether ``name`` exists."""
+
+    @abstractmethod
+    def uri_of(self, name: str) -> str:
+        """The path or URI a user would use for ``name``."""
+
+    def local_path(self, name: str) -> str | None:
+        """A local filesystem path for ``name`` if there is one (lets loaders mmap/stream it)."""
+        return None
+
+    async def cleanup_temporaries(self) -> list[str]:
+        """Remove in-flight leftovers of a writer that did not finish; return their names."""
+        leftovers = [n for n in await self.list() if n.startswith(TMP_PREFIX)]
+        for name in leftovers:
+            await self.delete(name)
+        return leftovers
+
+    async def aclose(self) -> None:  # noqa: B027 - nothing to release by default
+        """Release connections, locks and file handles."""

@@ -1,0 +1,27 @@
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+
+sys.path.insert(0, os.path.dirname(__file__))  # tests/helpers.py
+
+from helpers import WrappedStorage  # noqa: E402
+
+from asyncckpt.storage import LocalStorage  # noqa: E402
+
+
+@pytest.fixture
+def ckpt_dir(tmp_path):
+    """A fresh (not yet existing) checkpoint folder."""
+    return tmp_path / "ckpt"
+
+
+@pytest.fixture
+def wrapped(ckpt_dir):
+    """A WrappedStorage over a real LocalStorage in ckpt_dir."""
+    storage = WrappedStorage(LocalStorage(ckpt_dir))
+    yield storage
+    if storage.gate is not None:
+        storage.gate.set()  # never leave a writer thread waiting on a test's gate

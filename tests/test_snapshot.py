@@ -1,0 +1,239 @@
+"""Snapshot + serialize stages: what gets copied, how it is written, what is rejected."""
+
+from __future__ import annotations
+
+import collections
+import io
+
+import numpy as np
+import pytest
+import torch
+from helpers import tensors_equal
+
+from asyncckpt._pool import BufferPool
+from asyncckpt._serialize import checksum_of, serialize
+from asyncckpt._snapshot import plan_snapshot, take_snapshot
+
+
+def snapshot_of(state, pool=None):
+    pool = pool or BufferPool(2, pin_memory=False)
+    plan = plan_snapshot(state)
+    return take_snapshot(plan, pool.acquire(plan.nbytes))
+
+
+def serialized(state, **kw) -> bytes:
+    chunks: list = []
+    size, checksum = serialize(snapshot_of(state), chunks.append, **kw)
+    data = b"".join(bytes(c) for c in chunks)
+    assert len(data) == size
+    assert checksum == checksum_of(data)
+    return data
+
+
+def torch_save_bytes(obj, crc32: bool) -> bytes:
+    before = torch.serialization.get_crc32_options()
+    torch.serialization.set_crc32_options(crc32)
+    try:
+        buf = io.BytesIO()
+        torch.save(obj, buf)
+        return buf.getvalue()
+    finally:
+        torch.serialization.set_crc32_options(before)
+
+
+def trained_model_and_optimizer():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.BatchNorm1d(16),
+                                torch.nn.Linear(16, 3))
+    optim = torch.optim.Adam(model.parameters(), lr=0.1)
+    sched = torch.optim.lr_scheduler.StepLR(optim, step_size=2)
+    for _ in range(3):
+        model(torch.randn(4, 8)).sum().backward()
+        optim.step()
+        sched.step()
+    return model, optim, sched
+
+
+def mixed_state():
+    base = torch.arange(48, dtype=torch.float32)
+    return {
+        "view_a": base[4:12],
+        "view_b": base.view(6, 8).t(),  # non-contiguous view of the same storage
+        "whole": base,
+        "bf16": torch.randn(5).to(torch.bfloat16),
+        "half": torch.randn(2, 3).half(),
+        "i64": torch.tensor([1, -2, 3]),
+        "u8": torch.tensor([0, 255], dtype=torch.uint8),
+        "bool": torch.tensor([True, False]),
+        "complex": torch.randn(3, dtype=torch.complex64),
+        "empty": torch.empty(0, 7),
+        "scalar_t": torch.tensor(3.5),
+        "nested": [1, 2.5, "s", None, b"bytes", (torch.ones(2), {"deep": torch.zeros(1)})],
+        "dtype": torch.float16,
+        "device": torch.device("cpu"),
+        "size": torch.Size([2, 3]),
+        3: "int key",
+        (1, "a"): "tuple key",
+    }
+
+
+class TestByteIdentical:
+    def test_same_bytes_as_torch_save_without_crc(self):
+        model, optim, sched = trained_model_and_optimizer()
+        mixed = mixed_state()
+        state = {"model": model, "optim": optim, "sched": sched, **mixed}
+        expected = {"model": model.state_dict(), "optim": optim.state_dict(),
+                    "sched": sched.state_dict(), **mixed}
+        assert serialized(state) == torch_save_bytes(expected, crc32=False)
+
+    def test_same_bytes_as_default_torch_save_with_crc(self):
+        state = mixed_state()
+        assert serialized(state, torch_crc32=True) == torch_save_bytes(state, crc32=True)
+
+    def test_plain_torch_load_weights_only_reads_it(self):
+        state = mixed_state()
+        loaded = torch.load(io.BytesIO(serialized(state)), weights_only=True)
+        assert tensors_equal(loaded, state)
+
+    def test_storage_sharing_is_preserved(self):
+        loaded = torch.load(io.BytesIO(serialized(mixed_state())), weights_only=True)
+        ptr = loaded["whole"].untyped_storage().data_ptr()
+        assert loaded["view_a"].untyped_storage().data_ptr() == ptr
+        assert loaded["view_b"].untyped_storage().data_ptr() == ptr
+        assert loaded["view_b"].stride() == (1, 8)
+        loaded["whole"][5] = -1.0
+        assert loaded["view_a"][1] == -1.0
+
+    def test_large_tensors_are_handed_over_without_copy(self):
+        big = torch.randn(1 << 18)  # 1 MiB: above the zero-copy threshold
+        snap = snapshot_of({"big": big})
+        chunks: list = []
+        serialize(snap, chunks.append)
+        arena_start, arena_len = snap.ranges[0]
+        views = [c for c in chunks if isinstance(c, memoryview)]
+        assert len(views) == 1 and views[0].nbytes == big.numel() * 4
+
+
+class TestSnapshotIsolation:
+    def test_snapshot_does_not_share_memory_with_the_source(self):
+        model, optim, _ = trained_model_and_optimizer()
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        snap = snapshot_of({"model": model, "optim": optim})
+        with torch.no_grad():
+            for t in model.state_dict().values():
+                t.add_(1) if t.is_floating_point() else t.add_(7)
+        for k, v in snap.tree["model"].items():
+            assert torch.equal(v, before[k]), k
+
+    def test_parameters_and_requires_grad_are_kept(self):
+        p = torch.nn.Parameter(torch.randn(3))
+        leaf = torch.randn(2, requires_grad=True)
+        snap = snapshot_of({"p": p, "leaf": leaf})
+        assert type(snap.tree["p"]) is torch.nn.Parameter and snap.tree["p"].requires_grad
+        assert snap.tree["leaf"].requires_grad and snap.tree["leaf"].is_leaf
+
+    def test_module_state_dict_metadata_is_kept(self):
+        model, _, _ = trained_model_and_optimizer()
+        snap = snapshot_of({"model": model})
+        assert isinstance(snap.tree["model"], collections.OrderedDict)
+        assert snap.tree["model"]._metadata == model.state_dict()._metadata
+
+    def test_same_object_twice_stays_one_object(self):
+        t = torch.ones(3)
+        shared = {"x": t}
+        snap = snapshot_of({"a": shared, "b": shared, "t1": t, "t2": t})
+        assert snap.tree["a"] is snap.tree["b"]
+        assert snap.tree["t1"] is snap.tree["t2"]
+
+    def test_numpy_arrays_become_tensors_and_are_recorded(self):
+        arr = np.arange(6, dtype=np.float64).reshape(2, 3)
+        snap = snapshot_of({"a": arr, "n": [np.float32(1.5)], "t": arr.T, "ro": np.ones(2)})
+        assert isinstance(snap.tree["a"], torch.Tensor)
+        assert snap.tree["n"][0] == 1.5 and type(snap.tree["n"][0]) is float
+        assert torch.equal(snap.tree["t"], torch.from_numpy(arr.T.copy()))
+        assert ("a",) in snap.numpy_paths and ("t",) in snap.numpy_paths
+        arr[0, 0] = 99
+        assert snap.tree["a"][0, 0] == 0
+
+    def test_odd_tensors_fall_back_to_a_clone(self):
+        sparse = torch.randn(4, 4).to_sparse()
+        conj = torch.randn(3, dtype=torch.complex64).conj()
+        snap = snapshot_of({"sparse": sparse, "conj": conj})
+        loaded = torch.load(io.BytesIO(_bytes(snap)), weights_only=True)
+        assert torch.equal(loaded["sparse"].to_dense(), sparse.to_dense())
+        assert torch.equal(loaded["conj"], conj)
+
+    def test_pool_arenas_are_reused(self):
+        pool = BufferPool(1, pin_memory=False)
+        state = {"w": torch.randn(1000)}
+        for _ in range(5):
+            plan = plan_snapshot(state)
+            snap = take_snapshot(plan, pool.acquire(plan.nbytes))
+            pool.release(snap.arena)
+        assert pool.allocations == 1
+
+
+def _bytes(snap) -> bytes:
+    chunks: list = []
+    serialize(snap, chunks.append)
+    return b"".join(bytes(c) for c in chunks)
+
+
+class _Custom:
+    pass
+
+
+class _Sub(torch.Tensor):
+    pass
+
+
+@pytest.mark.parametrize(
+    ("state", "path", "what"),
+    [
+        ({"optim": {"param_groups": [{"lr": 0.1, "fn": lambda x: x}]}},
+         "state['optim']['param_groups'][0]['fn']", "function"),
+        ({"a": [1, _Custom()]}, "state['a'][1]", "_Custom"),
+        ({"a": collections.defaultdict(int)}, "state['a']", "defaultdict"),
+        ({"a": torch.ones(2).as_subclass(_Sub)}, "state['a']", "subclass"),
+        ({"a": {object(): 1}}, "state['a']", "dict key"),
+        ({"a": np.array(["x"])}, "state['a']", "dtype"),
+        ({"a": {1, 2}}, "state['a']", "set"),
+    ],
+)
+def test_unsupported_objects_raise_type_error_naming_the_path(state, path, what):
+    with pytest.raises(TypeError) as info:
+        plan_snapshot(state)
+    assert path in str(info.value)
+    assert what in str(info.value)
+
+
+def test_state_dict_objects_name_their_path():
+    class Holder:
+        def state_dict(self):
+            return {"bad": _Custom()}
+
+    with pytest.raises(TypeError, match=r"state\['h'\]\.state_dict\(\)\['bad'\]"):
+        plan_snapshot({"h": Holder()})
+
+
+def test_cycles_are_rejected():
+    a: dict = {"x": 1}
+    a["self"] = a
+    with pytest.raises(TypeError, match=r"state\['self'\] refers back to state"):
+        plan_snapshot(a)
+
+
+def test_views_with_different_dtypes_are_rejected_up_front():
+    base = torch.zeros(4)
+    with pytest.raises(TypeError, match="different dtypes"):
+        plan_snapshot({"f": base, "i": base.view(torch.int32)})
+
+
+def test_deep_nesting_is_a_type_error():
+    deep: list = []
+    node = deep
+    for _ in range(5000):
+        node.append([])
+        node = node[0]
+    with pytest.raises(TypeError, match="nested too deeply"):
+        plan_snapshot(deep)
