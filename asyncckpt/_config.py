@@ -247,7 +247,9 @@ class CheckpointerConfig:
         if not isinstance(self.retry_backoff, (int, float)) or not (
             math.isfinite(self.retry_backoff) and self.retry_backoff >= 0
         ):
-            raise ValueError(f"retry_backoff must be a finite number >= 0, got {self.retry_backoff!r}")
+            raise ValueError(
+                f"retry_backoff must be a finite number >= 0, got {self.retry_backoff!r}"
+            )
         for name in ("last_checkpoint", "torch_crc32"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name} must be a bool, got {getattr(self, name)!r}")

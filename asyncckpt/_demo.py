@@ -60,7 +60,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", type=int, default=300, help="training steps (default 300)")
     parser.add_argument("--every", type=int, default=25, help="save every N steps (default 25)")
     parser.add_argument("--keep-last", type=int, default=3, help="checkpoints to keep (default 3)")
-    parser.add_argument("--width", type=int, default=1536, help="MLP width (default 1536)")
+    parser.add_argument("--width", type=int, default=1024, help="MLP width (default 1024)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -70,8 +70,6 @@ def run(args: argparse.Namespace) -> int:
     torch.manual_seed(0)
     model = _model(args.width)
     optim = torch.optim.Adam(model.parameters(), lr=1e-3)
-    x = torch.randn(4096, 256)
-    y = (x[:, :10] * 3).argmax(dim=1)  # a learnable target
     loss_fn = torch.nn.CrossEntropyLoss()
 
     stalls: list[float] = []
@@ -89,8 +87,9 @@ def run(args: argparse.Namespace) -> int:
     ) as ckpt:
         bar = tqdm(range(1, args.steps + 1), disable=args.no_progress, unit="step", leave=False)
         for step in bar:
-            batch = torch.randint(0, x.shape[0], (256,))
-            loss = loss_fn(model(x[batch]), y[batch])
+            x = torch.randn(256, 256)  # fresh noisy data: learnable, never memorized
+            y = (x[:, :10] * 3 + torch.randn(256, 10) * 2).argmax(dim=1)
+            loss = loss_fn(model(x), y)
             optim.zero_grad(set_to_none=True)
             loss.backward()
             optim.step()
@@ -138,7 +137,7 @@ def run(args: argparse.Namespace) -> int:
     fresh.load_state_dict(state["model"])
     fresh_optim.load_state_dict(state["optim"])
     same = all(torch.equal(a, b) for a, b in zip(fresh.state_dict().values(),
-                                                model.state_dict().values()))
+                                                model.state_dict().values(), strict=True))
     note = ("identical to the live model" if same and state["step"] == args.steps
             else "restored (the live model trained past it)")
     print(f"resumed from {listing[-1].name}: step {state['step']}, model + optimizer {note}")

@@ -7,7 +7,7 @@ behalf; bad arguments raise the built-in ``TypeError`` / ``ValueError`` instead:
      ├── WriterError                 a background save failed; raised in the training loop at the
      │                               next save()/flush()/close(), the original is ``__cause__``
      ├── WriterClosedError           the checkpointer was used after close()
-     ├── StorageError                a storage backend operation failed (``__cause__``: the OS / SDK error)
+     ├── StorageError                a storage operation failed (``__cause__``: the OS/SDK error)
      │    └── TransientStorageError  worth retrying: throttling, timeouts, connection resets
      ├── CorruptIndexError           the index document is unreadable or inconsistent
      ├── IntegrityError              a checkpoint's bytes do not match the checksum in the index

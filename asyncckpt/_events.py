@@ -104,7 +104,8 @@ class Committed(Event):
 
 @dataclass(frozen=True)
 class Rotated(Event):
-    """Checkpoints dropped from the index by the retention rules (files deleted after)."""
+    """Checkpoints dropped from the index by the retention rules or by ``supersedes=``
+    (their files are deleted right after)."""
 
     names: tuple[str, ...]
 

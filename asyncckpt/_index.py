@@ -65,6 +65,8 @@ class IndexEntry:
     metrics: Mapping[str, float] = field(default_factory=dict)
     #: paths in the state where the caller passed numpy arrays (stored as tensors)
     numpy_paths: tuple[PathKey, ...] = ()
+    #: exempt from retention (``save(..., keep=True)``)
+    keep: bool = False
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -76,6 +78,7 @@ class IndexEntry:
             "checksum": self.checksum,
             "metrics": {k: _encode_number(v) for k, v in self.metrics.items()},
             "numpy": [list(p) for p in self.numpy_paths],
+            "keep": self.keep,
         }
 
     @classmethod
@@ -86,6 +89,7 @@ class IndexEntry:
             name = validate_name(raw["name"], where=where)
             step, epoch, size = raw["step"], raw["epoch"], raw["size"]
             checksum, metrics, numpy_paths = raw["checksum"], raw["metrics"], raw.get("numpy", [])
+            keep = raw.get("keep", False)
             when = _decode_number(raw["time"], f"{where}.time")
         except KeyError as exc:
             raise CorruptIndexError(f"{where}: missing field {exc.args[0]!r}") from None
@@ -105,6 +109,8 @@ class IndexEntry:
             isinstance(p, list) and all(isinstance(k, (str, int)) for k in p) for p in numpy_paths
         ):
             raise CorruptIndexError(f"{where}.numpy: expected a list of key paths")
+        if not isinstance(keep, bool):
+            raise CorruptIndexError(f"{where}.keep: expected a bool, got {keep!r}")
         return cls(
             name=name,
             step=step,
@@ -114,6 +120,7 @@ class IndexEntry:
             checksum=checksum,
             metrics={k: _decode_number(v, f"{where}.metrics.{k}") for k, v in metrics.items()},
             numpy_paths=tuple(tuple(p) for p in numpy_paths),
+            keep=keep,
         )
 
 
@@ -201,14 +208,34 @@ class IndexState:
             pending_deletes=tuple(n for n in state.pending_deletes if n != entry.name),
         )
 
+    def superseding(
+        self, names: Iterable[str], metrics: Sequence[BestMetric]
+    ) -> tuple[IndexState, list[str]]:
+        """Drop the listed entries that exist (``save(..., supersedes=...)``); like rotation,
+        their files become pending deletions. Return the new state and the dropped names."""
+        state = self
+        dropped: list[str] = []
+        for name in names:
+            if name in state.names:
+                state = state.without_entry(name, metrics)
+                dropped.append(name)
+        if not dropped:
+            return self, []
+        pending = state.pending_deletes
+        pending += tuple(n for n in dropped if n not in pending)
+        return replace(state, pending_deletes=pending), dropped
+
     def rotated(self, retention: Retention) -> tuple[IndexState, list[str]]:
         """Apply ``retention``: return the state without the victims, and the victims.
+
+        Entries saved with ``keep=True`` are left out of retention entirely.
 
         Victims move to ``pending_deletes``; the caller deletes their files only after publishing
         the returned state, and then calls :meth:`forget_deleted`.
         """
+        # Kept entries are outside retention: never deleted, and not counted by keep_last.
         victims = retention.victims(
-            self.entries,
+            [e for e in self.entries if not e.keep],
             protected={r.name for r in self.best.values()},
             window_origin=self.window_origin,
         )
@@ -227,7 +254,8 @@ class IndexState:
 
     def forget_deleted(self, names: Iterable[str]) -> IndexState:
         gone = set(names)
-        return replace(self, pending_deletes=tuple(n for n in self.pending_deletes if n not in gone))
+        pending = tuple(n for n in self.pending_deletes if n not in gone)
+        return replace(self, pending_deletes=pending)
 
     def with_best_metrics(self, metrics: Sequence[BestMetric], *, source: str) -> IndexState:
         """Reconcile remembered best pointers with the metrics this writer tracks.
@@ -299,7 +327,8 @@ class IndexState:
         if not isinstance(raw_entries, list):
             raise CorruptIndexError(f"{source}: 'entries' must be a list")
         entries = tuple(
-            IndexEntry.from_json(raw, f"{source}: entries[{i}]") for i, raw in enumerate(raw_entries)
+            IndexEntry.from_json(raw, f"{source}: entries[{i}]")
+            for i, raw in enumerate(raw_entries)
         )
         names = [e.name for e in entries]
         if len(set(names)) != len(names):

@@ -38,6 +38,10 @@ def run_sync(fn: Callable[[], Awaitable[T]]) -> T:
         return pool.submit(anyio.run, fn).result()
 
 
+def _describe(source: str | os.PathLike[str] | Storage) -> str:
+    return source.uri if isinstance(source, Storage) else os.fspath(source)
+
+
 def _split(location: str) -> tuple[str, str]:
     stripped = location.rstrip("/")
     if "://" not in stripped:
@@ -70,14 +74,14 @@ async def _open_target(source: Any, storage_options: Mapping[str, Any] | None) -
         return _Target(storage, index, None)
     await storage.aclose()
     # Not a checkpoint folder: maybe a single checkpoint file inside one.
-    parent, name = _split(os.fspath(source))
+    parent, name = _split(_describe(source))
     folder = storage_for(parent, storage_options=storage_options)
     await folder.open(writer=False)
     if name and await folder.exists(name):
         return _Target(folder, await _read_index(folder), name)
     await folder.aclose()
     raise CheckpointNotFoundError(
-        f"{os.fspath(source)} is neither a checkpoint folder (no {INDEX_NAME}) nor a file"
+        f"{_describe(source)} is neither a checkpoint folder (no {INDEX_NAME}) nor a file"
     )
 
 
@@ -173,7 +177,7 @@ def checkpoints(
         target = await _open_target(source, storage_options)
         try:
             if target.index is None or target.name is not None:
-                raise CheckpointNotFoundError(f"{os.fspath(source)} is not a checkpoint folder")
+                raise CheckpointNotFoundError(f"{_describe(source)} is not a checkpoint folder")
             return [
                 CheckpointInfo(e.name, target.storage.uri_of(e.name), e.step, e.epoch, e.time,
                                e.size, e.checksum, dict(e.metrics))
@@ -223,7 +227,7 @@ def load(
                 if which != "latest":
                     raise ValueError(
                         f"which={which!r} selects among a folder's checkpoints, but "
-                        f"{os.fspath(source)} is a single file"
+                        f"{_describe(source)} is a single file"
                     )
                 entry = target.index.get(target.name) if target.index is not None else None
                 name = target.name
@@ -248,7 +252,7 @@ def load(
             return data, entry
         except FileNotFoundError as exc:
             raise CheckpointNotFoundError(
-                f"{exc.filename or os.fspath(source)} is listed but missing"
+                f"{exc.filename or _describe(source)} is listed but missing"
             ) from exc
         finally:
             await target.storage.aclose()

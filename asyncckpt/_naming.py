@@ -114,7 +114,8 @@ class FilenameTemplate:
         """Return the (validated) name for ``step``/``epoch``.
 
         Raises:
-            ValueError: the template needs ``{epoch}`` but ``epoch`` is None, or the result is unsafe.
+            ValueError: the template needs ``{epoch}`` but ``epoch`` is None, or the name is
+                unsafe.
         """
         if self.uses_epoch and epoch is None:
             raise ValueError(

@@ -145,14 +145,15 @@ class _Sink:
 
 def _open_writer(sink: _Sink, compute_crc32: bool) -> tuple[Any, int | None]:
     """A PyTorchFileWriter on ``sink``, across the torch versions we support."""
+    writer_cls: Any = torch._C.PyTorchFileWriter  # its stubs only know IO[bytes] buffers
     alignment_fn = getattr(torch.serialization, "_get_storage_alignment", None)
     alignment = alignment_fn() if alignment_fn is not None else None
     try:
         if alignment is not None:
-            return torch._C.PyTorchFileWriter(sink, compute_crc32, alignment), alignment
-        return torch._C.PyTorchFileWriter(sink, compute_crc32), None
+            return writer_cls(sink, compute_crc32, alignment), alignment
+        return writer_cls(sink, compute_crc32), None
     except TypeError:  # torch < 2.5: no per-writer options
-        return torch._C.PyTorchFileWriter(sink), None
+        return writer_cls(sink), None
 
 
 def serialize(

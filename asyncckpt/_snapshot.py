@@ -62,7 +62,6 @@ class _StorageCopy:
     dtype: torch.dtype
     first_path: tuple[object, ...]
     offset: int = 0
-    dst: torch.UntypedStorage | None = None
 
 
 @dataclass(eq=False)
@@ -274,7 +273,7 @@ class _Planner:
         elif t.requires_grad:
             dst.requires_grad_(True)
         self.tensors.append(
-            _TensorCopy(dst, index, t.storage_offset(), tuple(t.size()), tuple(t.stride()))
+            _TensorCopy(dst, index, int(t.storage_offset()), tuple(t.size()), tuple(t.stride()))
         )
         return dst
 
@@ -332,6 +331,9 @@ class CudaCopier:
         return stream
 
 
+_CPU = torch.device("cpu")
+
+
 def _u8(storage: torch.UntypedStorage, device: torch.device) -> torch.Tensor:
     return torch.empty(0, dtype=torch.uint8, device=device).set_(storage)
 
@@ -352,14 +354,13 @@ def take_snapshot(
         raise ValueError(f"arena of {arena.capacity} bytes cannot hold {plan.nbytes} bytes")
     base = arena.storage
     cuda_events: list[torch.cuda.Event] = []
-    by_device: dict[torch.device, list[_StorageCopy]] = {}
+    by_device: dict[torch.device, list[tuple[_StorageCopy, torch.UntypedStorage]]] = {}
+    dsts: list[torch.UntypedStorage] = []
     for spec in plan.storages:
-        spec.dst = (
-            base[spec.offset : spec.offset + spec.nbytes]
-            if spec.nbytes
-            else torch.UntypedStorage(0)
-        )
-        by_device.setdefault(spec.device, []).append(spec)
+        end = spec.offset + spec.nbytes
+        dst = base[spec.offset : end] if spec.nbytes else torch.UntypedStorage(0)
+        dsts.append(dst)
+        by_device.setdefault(spec.device, []).append((spec, dst))
     with torch.no_grad():
         for device, specs in by_device.items():
             if device.type == "cuda":
@@ -368,33 +369,28 @@ def take_snapshot(
                 stream = copier.stream(device)
                 stream.wait_stream(torch.cuda.current_stream(device))
                 with torch.cuda.stream(stream):
-                    for spec in specs:
+                    for spec, dst in specs:
                         if spec.nbytes:
-                            _u8(spec.dst, torch.device("cpu")).copy_(  # type: ignore[arg-type]
-                                _u8(spec.src, device), non_blocking=arena.pinned
-                            )
+                            _u8(dst, _CPU).copy_(_u8(spec.src, device), non_blocking=arena.pinned)
                 event = torch.cuda.Event()
                 event.record(stream)
                 cuda_events.append(event)
             else:
-                for spec in specs:
+                for spec, dst in specs:
                     if spec.nbytes:
-                        _u8(spec.dst, torch.device("cpu")).copy_(  # type: ignore[arg-type]
-                            _u8(spec.src, device)
-                        )
+                        _u8(dst, _CPU).copy_(_u8(spec.src, device))
         for event in cuda_events:
             event.synchronize()
         for tc in plan.tensors:
-            spec = plan.storages[tc.storage]
-            tc.dst.set_(spec.dst, tc.storage_offset, tc.size, tc.stride)  # type: ignore[call-overload]
+            tc.dst.set_(dsts[tc.storage], tc.storage_offset, tc.size, tc.stride)
     locations = {
-        spec.dst._cdata: spec.location  # type: ignore[union-attr]
-        for spec in plan.storages
+        dst._cdata: spec.location
+        for spec, dst in zip(plan.storages, dsts, strict=True)
         if spec.device.type != "cpu"
     }
     ranges = [(arena.address, arena.capacity)] if arena.capacity else []
     ranges += [(s.data_ptr(), s.nbytes()) for s in plan.cloned if s.nbytes()]
-    keepalive: list[object] = [spec.dst for spec in plan.storages]
+    keepalive: list[object] = list(dsts)
     keepalive += plan.cloned
     # Drop the references to the caller's storages: the snapshot must not keep them alive.
     for spec in plan.storages:

@@ -16,6 +16,7 @@ import warnings
 import weakref
 from collections.abc import Callable, Iterable, Mapping
 from contextlib import AbstractContextManager
+from functools import partial
 from types import TracebackType
 from typing import Any
 
@@ -123,10 +124,10 @@ class SyncSaveHandle:
             TimeoutError: ``timeout`` seconds passed first.
             WriterError: the save failed or was abandoned.
         """
-        return self._portal.call(self._wait, timeout)
+        return self._portal.call(self._wait_at_most, timeout)
 
-    async def _wait(self, timeout: float | None) -> CheckpointInfo | None:
-        with anyio.fail_after(timeout):
+    async def _wait_at_most(self, seconds: float | None) -> CheckpointInfo | None:
+        with anyio.fail_after(seconds):
             return await self._handle.committed()
 
 
@@ -219,11 +220,16 @@ class Checkpointer:
         epoch: int | None = None,
         metrics: Mapping[str, float] | None = None,
         name: str | None = None,
+        keep: bool = False,
+        supersedes: Iterable[str] = (),
     ) -> SyncSaveHandle:
         """Snapshot ``state`` on this thread and queue it; see :meth:`AsyncCheckpointer.save`."""
         t0 = time.perf_counter()
         self._check_open()
-        request = self._portal.call(self._core._reserve, step, epoch, metrics, name, t0)
+        request = self._portal.call(
+            partial(self._core._reserve, keep=keep, supersedes=supersedes),
+            step, epoch, metrics, name, t0,
+        )
         if not request.reserved:
             return SyncSaveHandle(self._portal, request.handle)
         try:

@@ -7,7 +7,7 @@
                         (queue_size + 1 slots)      or the sync caller's)
                                                                               │ anyio memory stream
     writer   ┌────────────────────────────────────────────────────────────────┘
-    task     ├ serialize in a worker thread ──chunks──▶ storage.write (tmp, fsync, rename, dir fsync)
+    task     ├ serialize in a worker thread ──chunks──▶ storage.write (tmp, fsync, rename, fsync)
              ├ release slot + arena                     (retried on TransientStorageError)
              ├ commit [shielded]: publish the index (entry, latest, best, rotation), then
              │                    last_checkpoint
@@ -129,7 +129,8 @@ class SaveHandle:
             ) from self.error
         if self.status == "cancelled":
             raise WriterError(
-                f"saving {self.name!r} (step {self.step}) was abandoned when the checkpointer closed"
+                f"saving {self.name!r} (step {self.step}) was abandoned when the checkpointer "
+                "closed"
             )
         return self.info
 
@@ -149,6 +150,8 @@ class _Request:
     metrics: dict[str, float]
     wall: float
     t0: float
+    keep: bool = False
+    supersedes: tuple[str, ...] = ()
     reserved: bool = False
 
     @property
@@ -174,7 +177,8 @@ def _as_count(value: object, what: str) -> int:
     try:
         number = operator.index(value)  # type: ignore[arg-type]
     except TypeError:
-        raise TypeError(f"{what} must be an int, got {type(value).__name__} {value!r:.40}") from None
+        kind = type(value).__name__
+        raise TypeError(f"{what} must be an int, got {kind} {value!r:.40}") from None
     if number < 0:
         raise ValueError(f"{what} must be >= 0, got {number}")
     return number
@@ -184,7 +188,8 @@ def _as_metrics(metrics: object) -> dict[str, float]:
     if metrics is None:
         return {}
     if not isinstance(metrics, Mapping):
-        raise TypeError(f"metrics must be a mapping of name to number, got {type(metrics).__name__}")
+        kind = type(metrics).__name__
+        raise TypeError(f"metrics must be a mapping of name to number, got {kind}")
     out: dict[str, float] = {}
     for key, value in metrics.items():
         if not isinstance(key, str) or not key:
@@ -410,6 +415,8 @@ class AsyncCheckpointer:
         epoch: int | None = None,
         metrics: Mapping[str, float] | None = None,
         name: str | None = None,
+        keep: bool = False,
+        supersedes: Iterable[str] = (),
     ) -> SaveHandle:
         """Snapshot ``state`` and queue it; return once the snapshot is taken.
 
@@ -421,6 +428,10 @@ class AsyncCheckpointer:
             epoch: the epoch, if the template or the caller wants it recorded.
             metrics: numbers recorded with the checkpoint; best pointers read them.
             name: file name to use instead of the template's.
+            keep: exempt this checkpoint from retention (it stays until superseded).
+            supersedes: names of committed checkpoints this one replaces: once it commits they
+                are dropped from the index in the same update and their files deleted (nothing
+                happens if this save is skipped, coalesced or fails).
 
         Returns:
             A :class:`SaveHandle`; ``await handle.committed()`` waits for durability.
@@ -432,7 +443,9 @@ class AsyncCheckpointer:
                 names its path), or an argument has the wrong type.
             ValueError: an argument is invalid, or the name collides with another step's.
         """
-        request = await self._reserve(step, epoch, metrics, name, time.perf_counter())
+        request = await self._reserve(
+            step, epoch, metrics, name, time.perf_counter(), keep=keep, supersedes=supersedes
+        )
         if not request.reserved:
             return request.handle
         try:
@@ -471,6 +484,9 @@ class AsyncCheckpointer:
         metrics: object,
         name: object,
         t0: float,
+        *,
+        keep: object = False,
+        supersedes: object = (),
     ) -> _Request:
         """Validate a save and take a queue slot according to ``when_full`` (on the loop)."""
         self._check_open()
@@ -483,7 +499,15 @@ class AsyncCheckpointer:
         else:
             name_ = validate_name(name, where="save(name=...)")
         self._check_collision(name_, step_)
-        request = _Request(SaveHandle(step_, name_, epoch_), metrics_, self._clock(), t0)
+        if not isinstance(keep, bool):
+            raise TypeError(f"keep must be a bool, got {keep!r}")
+        if isinstance(supersedes, str) or not isinstance(supersedes, Iterable):
+            raise TypeError("supersedes must be a list of checkpoint names")
+        superseded = tuple(validate_name(n, where="save(supersedes=...)") for n in supersedes)
+        if name_ in superseded:
+            raise ValueError(f"a checkpoint cannot supersede itself ({name_!r})")
+        request = _Request(SaveHandle(step_, name_, epoch_), metrics_, self._clock(), t0,
+                           keep, superseded)
         policy = self.config.when_full
         if policy == "block":
             await self._slots.acquire()
@@ -622,10 +646,14 @@ class AsyncCheckpointer:
             self._release(job)
             self._emit(Written(req.step, req.name, size, seconds))
             entry = IndexEntry(req.name, req.step, req.handle.epoch, req.wall, size, checksum,
-                               req.metrics, numpy_paths)
+                               req.metrics, numpy_paths, req.keep)
             before = self._index
             with anyio.CancelScope(shield=True):
-                state, victims = before.with_entry(entry, self._best).rotated(self._retention)
+                state, dropped = before.with_entry(entry, self._best).superseding(
+                    req.supersedes, self._best
+                )
+                state, victims = state.rotated(self._retention)
+                victims = dropped + victims
                 await self._publish(state)
         except Exception as exc:
             self._record_error(f"saving {req.name!r} (step {req.step})", exc)

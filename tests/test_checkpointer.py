@@ -11,7 +11,7 @@ import anyio
 import numpy as np
 import pytest
 import torch
-from helpers import WrappedStorage, folder_files, tensors_equal
+from helpers import folder_files, tensors_equal
 
 import asyncckpt
 from asyncckpt import (
@@ -66,7 +66,7 @@ async def test_async_save_then_mutate_commits_old_values(wrapped, ckpt_dir):
     for k, v in expected.items():
         assert torch.equal(loaded["model"][k], v)
     momentum = [s["momentum_buffer"] for s in loaded["optim"]["state"].values()]
-    assert all(torch.equal(a, b) for a, b in zip(momentum, expected_momentum))
+    assert all(torch.equal(a, b) for a, b in zip(momentum, expected_momentum, strict=True))
 
 
 def test_sync_save_then_mutate_commits_old_values(wrapped, ckpt_dir):
@@ -525,3 +525,36 @@ def test_storage_instance_and_file_uri_are_accepted(ckpt_dir):
         ckpt.save(small_state(), step=1)
     with Checkpointer(LocalStorage(ckpt_dir)) as ckpt:
         assert ckpt.latest().step == 1
+
+
+def test_keep_and_supersedes(ckpt_dir):
+    """mmengine's best_*.pth pattern: a kept copy that the next best supersedes."""
+    with Checkpointer(ckpt_dir, keep_last=1) as ckpt:
+        ckpt.save(small_state(1), step=1)
+        ckpt.save(small_state(1), step=1, name="best_1.pt", keep=True)
+        ckpt.save(small_state(2), step=2)
+        ckpt.save(small_state(3), step=3)
+        ckpt.flush()
+        assert {c.name for c in ckpt.checkpoints()} == {"best_1.pt", "step_3.pt"}
+        ckpt.save(small_state(3), step=3, name="best_3.pt", keep=True, supersedes=["best_1.pt"])
+        ckpt.flush()
+        assert [c.name for c in ckpt.checkpoints()] == ["step_3.pt", "best_3.pt"]
+        with pytest.raises(ValueError, match="supersede itself"):
+            ckpt.save(small_state(), step=4, supersedes=["step_4.pt"])
+        with pytest.raises(TypeError, match="list of checkpoint names"):
+            ckpt.save(small_state(), step=4, supersedes="best_3.pt")
+    assert folder_files(ckpt_dir) == {"step_3.pt", "best_3.pt"}
+
+
+def test_failed_save_does_not_supersede(wrapped, ckpt_dir):
+    with Checkpointer(wrapped) as ckpt:
+        ckpt.save(small_state(1), step=1, name="best.pt", keep=True).wait()
+        wrapped.fail_write = lambda name, attempt: (
+            OSError(errno.EIO, "boom") if name == "b2.pt" else None
+        )
+        with pytest.raises(WriterError):
+            ckpt.save(small_state(2), step=2, name="b2.pt", supersedes=["best.pt"]).wait()
+        with pytest.raises(WriterError):
+            ckpt.flush()
+        assert [c.name for c in ckpt.checkpoints()] == ["best.pt"]
+    assert folder_files(ckpt_dir) == {"best.pt"}

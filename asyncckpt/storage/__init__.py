@@ -44,7 +44,8 @@ def storage_for(
         return location
     if not isinstance(location, (str, os.PathLike)):
         raise TypeError(
-            f"a checkpoint location must be a path, a URI or a Storage, got {type(location).__name__}"
+            "a checkpoint location must be a path, a URI or a Storage, "
+            f"got {type(location).__name__}"
         )
     text = os.fspath(location)
     if not text:

@@ -4,7 +4,7 @@ A backend is a flat namespace of names (file names in a folder, keys under a pre
 atomic publish. The writer calls, in this order::
 
     await storage.open(writer=True)      once: create the folder / check the bucket, take the lock
-    await storage.write(name, chunks)    publish a checkpoint: visible only once complete and durable
+    await storage.write(name, chunks)    publish a checkpoint: visible only once complete, durable
     await storage.write_bytes(name, b)   publish the index / pointer files (same guarantee)
     await storage.delete(name)           rotation, after the index stopped naming ``name``
     await storage.aclose()               once
@@ -17,6 +17,7 @@ left in flight. Errors are raised as :class:`~asyncckpt.StorageError` (or
 
 from __future__ import annotations
 
+import builtins
 from abc import abstractmethod
 from collections.abc import AsyncIterable, AsyncIterator
 from typing import Any
@@ -69,7 +70,7 @@ class Storage(AsyncResource):
         """Remove ``name``; a name that does not exist is not an error."""
 
     @abstractmethod
-    async def list(self) -> list[str]:
+    async def list(self) -> builtins.list[str]:
         """All names directly in this folder/prefix, temporary ones included."""
 
     @abstractmethod
@@ -84,7 +85,7 @@ class Storage(AsyncResource):
         """A local filesystem path for ``name`` if there is one (lets loaders mmap/stream it)."""
         return None
 
-    async def cleanup_temporaries(self) -> list[str]:
+    async def cleanup_temporaries(self) -> builtins.list[str]:
         """Remove in-flight leftovers of a writer that did not finish; return their names."""
         leftovers = [n for n in await self.list() if n.startswith(TMP_PREFIX)]
         for name in leftovers:

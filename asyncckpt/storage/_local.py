@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import builtins
 import errno
 import os
 import uuid
@@ -21,7 +22,7 @@ __all__ = ["LocalStorage"]
 #: is reported at once.
 TRANSIENT_ERRNOS = frozenset({errno.EINTR, errno.EAGAIN, errno.EBUSY, errno.ETIMEDOUT})
 
-_fsync = aiofiles.os.wrap(os.fsync)  # type: ignore[attr-defined]
+_fsync = aiofiles.os.wrap(os.fsync)
 
 
 def _storage_error(action: str, path: str, exc: OSError) -> StorageError:
@@ -162,7 +163,7 @@ class LocalStorage(Storage):
         except OSError as exc:
             raise _storage_error("delete", path, exc) from exc
 
-    async def list(self) -> list[str]:
+    async def list(self) -> builtins.list[str]:
         try:
             return sorted(await aiofiles.os.listdir(self.path))
         except FileNotFoundError:
