@@ -10,8 +10,8 @@
     task     ├ serialize in a worker thread ──chunks──▶ storage.write (tmp, fsync, rename, fsync)
              ├ release slot + arena                     (retried on TransientStorageError)
              ├ commit [shielded]: publish the index (entry, latest, best, rotation), then
-             │                    last_checkpoint
-             ├ resolve the handle, emit Written / Committed / BestUpdated / Rotated
+             │                    last_checkpoint; resolve the handle
+             ├ emit Written / Committed / BestUpdated / Rotated
              └ delete what the published index no longer names (failures: retried next time)
 
 A failure anywhere in a job fails that job only: its handle raises, the error is raised once in
@@ -114,6 +114,9 @@ class SaveHandle:
 
     async def committed(self) -> CheckpointInfo | None:
         """Wait until this save is resolved.
+
+        When it returns, the index lists the checkpoint and ``last_checkpoint`` names it; files
+        that rotation dropped may still be being deleted (``flush()`` waits for that too).
 
         Returns:
             The committed checkpoint, or None if the save was skipped or coalesced.
@@ -386,6 +389,9 @@ class AsyncCheckpointer:
         await self._storage.open(writer=True)
         try:
             index = await self._read_index()
+            if index is None:  # a new folder: make it recognizable (and listable) at once
+                index = IndexState()
+                await self._publish(index)
             self._published = index
             self._index = index.with_best_metrics(self._best, source=self._index_uri)
             leftovers = await self._storage.cleanup_temporaries()
@@ -660,6 +666,12 @@ class AsyncCheckpointer:
             req.handle._resolve("failed", error=exc)
             self._emit(Failed(req.step, req.name, exc))
             return
+        if self.config.last_checkpoint:
+            try:
+                with anyio.CancelScope(shield=True):
+                    await self._write_pointer()
+            except Exception as exc:  # the checkpoint is committed; the pointer is stale
+                self._record_error(f"updating {LAST_CHECKPOINT_NAME} after {req.name!r}", exc)
         info = self._info(entry)
         req.handle._resolve("committed", info=info)
         self._emit(Committed(info, time.perf_counter() - req.t0))
@@ -672,12 +684,6 @@ class AsyncCheckpointer:
                 )
         if victims:
             self._emit(Rotated(tuple(victims)))
-        if self.config.last_checkpoint:
-            try:
-                with anyio.CancelScope(shield=True):
-                    await self._write_pointer()
-            except Exception as exc:
-                self._record_error(f"updating {LAST_CHECKPOINT_NAME} after {req.name!r}", exc)
         await self._delete_pending()
 
     async def _write_data(self, name: str, snapshot: Snapshot) -> tuple[int, str]:
@@ -751,11 +757,11 @@ class AsyncCheckpointer:
     def _index_uri(self) -> str:
         return self._storage.uri_of(INDEX_NAME)
 
-    async def _read_index(self) -> IndexState:
+    async def _read_index(self) -> IndexState | None:
         try:
             data = await self._storage.read_bytes(INDEX_NAME)
         except FileNotFoundError:
-            return IndexState()
+            return None
         return IndexState.from_json(data, self._index_uri)
 
     async def _publish(self, state: IndexState) -> None:
