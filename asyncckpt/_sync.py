@@ -173,6 +173,12 @@ class Checkpointer:
             raise
         self._cm = cm
         self._finalizer = weakref.finalize(self, _shutdown, self._thread, cm, True)
+        # At interpreter exit, concurrent.futures shuts its executors down (aiofiles and
+        # anyio need them) before atexit handlers run; threading's own exit hooks run earlier,
+        # newest first, so an unclosed checkpointer still drains with working thread pools.
+        register = getattr(threading, "_register_atexit", None)
+        if register is not None:
+            register(self._finalizer)
 
     # -- delegation to the core ------------------------------------------------------------------
     @property

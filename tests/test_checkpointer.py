@@ -570,3 +570,31 @@ def test_failed_save_does_not_supersede(wrapped, ckpt_dir):
             ckpt.flush()
         assert [c.name for c in ckpt.checkpoints()] == ["best.pt"]
     assert folder_files(ckpt_dir) == {"best.pt"}
+
+
+def test_a_forgotten_checkpointer_is_drained_with_a_warning(ckpt_dir):
+    import gc
+
+    ckpt = Checkpointer(ckpt_dir)
+    ckpt.save(small_state(5.0), step=5)
+    with pytest.warns(ResourceWarning, match="was not closed"):
+        del ckpt
+        gc.collect()
+    assert asyncckpt.load(ckpt_dir)["step"] == 5
+    with Checkpointer(ckpt_dir) as again:  # the folder lock was released
+        assert again.latest().step == 5
+
+
+def test_interpreter_exit_drains_an_unclosed_checkpointer(ckpt_dir):
+    import subprocess
+    import sys
+
+    code = (
+        "import torch, asyncckpt, sys\n"
+        "ckpt = asyncckpt.Checkpointer(sys.argv[1])\n"
+        "ckpt.save({'w': torch.ones(1000, 1000)}, step=3)\n"
+    )
+    result = subprocess.run([sys.executable, "-W", "ignore", "-c", code, str(ckpt_dir)],
+                            capture_output=True, text=True, timeout=120, check=False)
+    assert result.returncode == 0, result.stderr
+    assert [c.step for c in asyncckpt.checkpoints(ckpt_dir)] == [3]
