@@ -107,8 +107,14 @@ class _Sink:
         self._starts = [start for start, _ in sorted(ranges)]
         self._ends = [start + n for start, n in sorted(ranges)]
         self._buf = bytearray()
+        self._discarding = False
         self.hasher = Hasher()
         self.size = 0
+
+    def discard(self) -> None:
+        """Accept and drop everything from now on (the stream is being abandoned)."""
+        self._discarding = True
+        self._buf = bytearray()
 
     def _owned(self, view: memoryview) -> bool:
         addr = _address(view)
@@ -118,8 +124,8 @@ class _Sink:
     def write(self, data: Any) -> int:
         view = memoryview(data)
         n = view.nbytes
-        if n == 0:
-            return 0
+        if n == 0 or self._discarding:
+            return n
         self.hasher.update(view)
         self.size += n
         if n >= _ZERO_COPY_MIN and self._owned(view):
@@ -198,16 +204,29 @@ def serialize(
 
     sink = _Sink(emit, snapshot.ranges)
     writer, alignment = _open_writer(sink, torch_crc32)
-    writer.write_record("data.pkl", data, len(data))
-    writer.write_record(".format_version", "1", 1)
-    if alignment is not None:
-        text = str(alignment)
-        writer.write_record(".storage_alignment", text, len(text))
-    writer.write_record("byteorder", sys.byteorder, len(sys.byteorder))
-    for key, storage in serialized.items():
-        if storage.device.type != "cpu":  # only storages the snapshot could not pool
-            storage = storage.cpu()
-        writer.write_record(f"data/{key}", storage, storage.nbytes())
-    writer.write_end_of_file()
+    try:
+        writer.write_record("data.pkl", data, len(data))
+        writer.write_record(".format_version", "1", 1)
+        if alignment is not None:
+            text = str(alignment)
+            writer.write_record(".storage_alignment", text, len(text))
+        writer.write_record("byteorder", sys.byteorder, len(sys.byteorder))
+        for key, storage in serialized.items():
+            if storage.device.type != "cpu":  # only storages the snapshot could not pool
+                storage = storage.cpu()
+            writer.write_record(f"data/{key}", storage, storage.nbytes())
+        writer.write_end_of_file()
+    except BaseException:
+        # The stream broke (storage failed, cancelled). An unfinished PyTorchFileWriter
+        # finishes the archive in its C++ destructor, which then throws on the broken stream
+        # and calls std::terminate: the process aborts at the next garbage collection. A
+        # failed write_end_of_file() still marks the writer finalized (pytorch#87997), so end
+        # it here, with the sink discarding, and let its destructor do nothing.
+        sink.discard()
+        try:
+            writer.write_end_of_file()
+        except Exception:  # noqa: S110 - expected: the archive is broken, and is dropped
+            pass
+        raise
     sink.finish()
     return sink.size, sink.hasher.hexdigest()
