@@ -21,7 +21,7 @@ from ._errors import (
     WriterError,
 )
 from ._events import CheckpointInfo, CheckpointStats
-from ._load import checkpoints, load
+from ._load import Problem, VerifyReport, checkpoints, load, verify
 from ._sync import Checkpointer, SyncSaveHandle
 from ._writer import AsyncCheckpointer, SaveHandle
 
@@ -38,10 +38,12 @@ __all__ = [
     "CheckpointerConfig",
     "CorruptIndexError",
     "IntegrityError",
+    "Problem",
     "SaveHandle",
     "StorageError",
     "SyncSaveHandle",
     "TransientStorageError",
+    "VerifyReport",
     "WriterClosedError",
     "WriterError",
     "__version__",
@@ -50,4 +52,5 @@ __all__ = [
     "infer_mode",
     "load",
     "storage",
+    "verify",
 ]

@@ -24,6 +24,37 @@ def _ls(args: argparse.Namespace) -> int:
     return 0
 
 
+def _options(pairs: list[str]) -> dict[str, str]:
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise SystemExit(f"--storage-option expects key=value, got {pair!r}")
+        out[key] = value
+    return out
+
+
+def _verify(args: argparse.Namespace) -> int:
+    from . import CheckpointError, verify
+
+    try:
+        report = verify(args.uri, load=args.load, storage_options=_options(args.storage_option))
+    except CheckpointError as exc:
+        print(f"asyncckpt verify: {exc}", file=sys.stderr)
+        return 2
+    bad = {p.name for p in report.problems}
+    for name in report.checked:
+        if name not in bad:
+            print(f"ok      {name}")
+    for problem in report.problems:
+        print(f"{problem.kind.upper():8s}{problem.name or '(index)'}: {problem.message}")
+    for name in report.leftovers:
+        print(f"note    {name}: temporary file of an unfinished write (removed by the next writer)")
+    verdict = "OK" if report.ok else f"{len(report.problems)} problem(s)"
+    print(f"{report.uri}: {len(report.checked)} checkpoint(s) checked, {verdict}")
+    return 0 if report.ok else 1
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="asyncckpt", description="Asynchronous, crash-safe PyTorch checkpointing."
@@ -35,6 +66,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     ls = sub.add_parser("ls", help="list the committed checkpoints of a folder")
     ls.add_argument("uri", help="checkpoint folder")
     ls.set_defaults(func=_ls)
+    ver = sub.add_parser(
+        "verify", help="check every checkpoint of a folder against its checksum (exit 1 if bad)"
+    )
+    ver.add_argument("uri", help="checkpoint folder")
+    ver.add_argument("--load", action="store_true",
+                     help="also torch.load(weights_only=True) every checkpoint")
+    ver.add_argument("--storage-option", action="append", default=[], metavar="KEY=VALUE",
+                     help="backend option (repeatable)")
+    ver.set_defaults(func=_verify)
     args = parser.parse_args(argv)
     return int(args.func(args))
 

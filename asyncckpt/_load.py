@@ -9,19 +9,19 @@ import logging
 import os
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 import anyio
 import torch
 
-from ._errors import CheckpointNotFoundError, IntegrityError
+from ._errors import CheckpointError, CheckpointNotFoundError, IntegrityError
 from ._events import CheckpointInfo
 from ._index import IndexEntry, IndexState, PathKey
-from ._naming import INDEX_NAME
+from ._naming import INDEX_NAME, TMP_PREFIX
 from ._serialize import Hasher
 from .storage import Storage, storage_for
 
-__all__ = ["checkpoints", "load", "run_sync"]
+__all__ = ["Problem", "VerifyReport", "checkpoints", "load", "run_sync", "verify"]
 
 logger = logging.getLogger("asyncckpt")
 T = TypeVar("T")
@@ -264,3 +264,105 @@ def load(
         for path in entry.numpy_paths:
             state = _restore_numpy(state, path)
     return state
+
+
+def _load_on_cpu(data: Any) -> None:
+    torch.load(data, map_location="cpu", weights_only=True)
+
+
+@dataclass(frozen=True)
+class Problem:
+    """Something :func:`verify` found wrong.
+
+    Attributes:
+        kind: ``"index"`` (unreadable index), ``"missing"`` (listed file absent), ``"size"`` /
+            ``"checksum"`` (bytes differ from what was committed), ``"unreadable"`` (torch.load
+            failed; only with ``load=True``).
+        name: the checkpoint concerned (None for the index).
+        message: a human-readable explanation.
+    """
+
+    kind: Literal["index", "missing", "size", "checksum", "unreadable"]
+    name: str | None
+    message: str
+
+
+@dataclass(frozen=True)
+class VerifyReport:
+    """The outcome of :func:`verify`."""
+
+    uri: str
+    checked: tuple[str, ...]
+    problems: tuple[Problem, ...]
+    #: temporary files of a writer that did not finish (harmless; removed when a writer opens)
+    leftovers: tuple[str, ...] = ()
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+def verify(
+    source: str | os.PathLike[str] | Storage,
+    *,
+    load: bool = False,
+    storage_options: Mapping[str, Any] | None = None,
+) -> VerifyReport:
+    """Check every checkpoint a folder's index lists against its recorded size and checksum.
+
+    Args:
+        source: the checkpoint folder.
+        load: also ``torch.load(weights_only=True)`` each checkpoint (slower; catches files
+            that verify but do not unpickle, e.g. written by an incompatible torch).
+
+    Returns:
+        A report; ``report.ok`` is False when anything is wrong. Problems are collected, not
+        raised, so one bad file does not hide the others.
+
+    Raises:
+        CheckpointNotFoundError: ``source`` is not a checkpoint folder at all.
+    """
+
+    async def run() -> VerifyReport:
+        storage = storage_for(source, storage_options=storage_options)
+        await storage.open(writer=False)
+        try:
+            names = await storage.list()
+            leftovers = tuple(n for n in names if n.startswith(TMP_PREFIX))
+            try:
+                index = await _read_index(storage)
+            except CheckpointError as exc:
+                problem = Problem("index", None, str(exc))
+                return VerifyReport(storage.uri, (), (problem,), leftovers)
+            if index is None:
+                raise CheckpointNotFoundError(f"{storage.uri} has no {INDEX_NAME}")
+            problems: list[Problem] = []
+            for entry in index.entries:
+                uri = storage.uri_of(entry.name)
+                try:
+                    await _verify_stream(storage, entry)
+                except FileNotFoundError:
+                    problems.append(Problem("missing", entry.name, f"{uri} is listed but missing"))
+                    continue
+                except IntegrityError as exc:
+                    kind: Literal["size", "checksum"] = (
+                        "size" if "bytes but the index" in str(exc) else "checksum"
+                    )
+                    problems.append(Problem(kind, entry.name, str(exc)))
+                    continue
+                if load:
+                    try:
+                        path = storage.local_path(entry.name)
+                        if path is None:
+                            data: Any = io.BytesIO(await storage.read_bytes(entry.name))
+                        else:
+                            data = path
+                        await anyio.to_thread.run_sync(_load_on_cpu, data)
+                    except Exception as exc:
+                        problems.append(Problem("unreadable", entry.name, f"{uri}: {exc}"))
+            checked = tuple(e.name for e in index.entries)
+            return VerifyReport(storage.uri, checked, tuple(problems), leftovers)
+        finally:
+            await storage.aclose()
+
+    return run_sync(run)

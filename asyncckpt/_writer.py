@@ -732,6 +732,13 @@ class AsyncCheckpointer:
             raise outcome["error"]
         size, checksum = outcome["result"]
         if written != size:
+            # The backend published something other than what was serialized. No index names
+            # it (a listed name is unlisted before it is rewritten), so it can go.
+            with anyio.CancelScope(shield=True):
+                try:
+                    await self._storage.delete(name)
+                except Exception as exc:
+                    logger.warning("could not remove the short write %s: %s", name, exc)
             raise StorageError(
                 f"storage accepted {written} of {size} bytes for {name}", self._storage.uri_of(name)
             )

@@ -10,7 +10,7 @@ import anyio
 import torch
 
 from asyncckpt._naming import INDEX_NAME, LAST_CHECKPOINT_NAME, LOCK_NAME
-from asyncckpt.storage import Buffer, Storage
+from asyncckpt.storage import Buffer, LocalStorage, Storage
 
 BOOKKEEPING = {INDEX_NAME, LAST_CHECKPOINT_NAME, LOCK_NAME}
 
@@ -26,6 +26,9 @@ class WrappedStorage(Storage):
         fail_delete: callable(name) -> exception or None.
         fail_after_bytes: raise this exception once that many bytes of a checkpoint were written
             (a tuple (nbytes, exception)), leaving the write half-done.
+        latency: seconds every checkpoint write waits first (a slow device or network).
+        drop_tail: a short write: the backend stores all but the last N bytes of a checkpoint
+            and reports the (smaller) count it stored.
     """
 
     def __init__(self, inner: Storage) -> None:
@@ -36,6 +39,8 @@ class WrappedStorage(Storage):
         self.fail_write: Callable[[str, int], BaseException | None] | None = None
         self.fail_delete: Callable[[str], BaseException | None] | None = None
         self.fail_after_bytes: tuple[int, BaseException] | None = None
+        self.latency = 0.0
+        self.drop_tail = 0
         self.writes: list[str] = []
         self.attempts: dict[str, int] = {}
 
@@ -52,8 +57,13 @@ class WrappedStorage(Storage):
             exc = self.fail_write(name, attempt)
             if exc is not None:
                 raise exc
-        if self.fail_after_bytes is not None and name not in BOOKKEEPING:
-            chunks = self._truncating(chunks, *self.fail_after_bytes)
+        if name not in BOOKKEEPING:
+            if self.latency:
+                await anyio.sleep(self.latency)
+            if self.fail_after_bytes is not None:
+                chunks = self._truncating(chunks, *self.fail_after_bytes)
+            if self.drop_tail:
+                chunks = self._without_tail(chunks, self.drop_tail)
         n = await self.inner.write(name, chunks)
         self.writes.append(name)
         return n
@@ -70,6 +80,15 @@ class WrappedStorage(Storage):
                 raise exc
             sent += view.nbytes
             yield view
+
+    @staticmethod
+    async def _without_tail(chunks: AsyncIterable[Buffer], drop: int) -> AsyncIterator[Buffer]:
+        held = b""
+        async for chunk in chunks:
+            held += bytes(chunk)
+            if len(held) > drop:
+                yield held[:-drop]
+                held = held[-drop:]
 
     async def read_bytes(self, name: str) -> bytes:
         return await self.inner.read_bytes(name)
@@ -134,3 +153,16 @@ def tensors_equal(a: object, b: object) -> bool:
     except ImportError:
         pass
     return bool(a == b)
+
+
+class RenameFailingStorage(LocalStorage):
+    """The real local backend, whose final rename fails for checkpoint files."""
+
+    def __init__(self, directory: str | os.PathLike[str], error: BaseException) -> None:
+        super().__init__(directory)
+        self.error: BaseException | None = error
+
+    async def _publish(self, tmp: str, final: str) -> None:
+        if self.error is not None and os.path.basename(final) not in BOOKKEEPING:
+            raise self.error
+        await super()._publish(tmp, final)

@@ -113,9 +113,7 @@ class LocalStorage(Storage):
                             view = view[n:]
                     if self.fsync:
                         await _fsync(f.fileno())
-                await aiofiles.os.replace(tmp, final)
-                if self.fsync:
-                    await anyio.to_thread.run_sync(_fsync_dir, self.path)
+                await self._publish(tmp, final)
             except OSError as exc:
                 raise _storage_error(f"write {name} to", final, exc) from exc
         except BaseException:
@@ -128,6 +126,12 @@ class LocalStorage(Storage):
                     pass  # the original error is what matters; cleanup_temporaries retries
             raise
         return written
+
+    async def _publish(self, tmp: str, final: str) -> None:
+        """Make a complete, fsynced temporary file visible under its final name."""
+        await aiofiles.os.replace(tmp, final)
+        if self.fsync:
+            await anyio.to_thread.run_sync(_fsync_dir, self.path)
 
     async def read_bytes(self, name: str) -> bytes:
         path = self._join(name)
