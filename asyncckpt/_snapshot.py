@@ -32,6 +32,8 @@ from ._pool import Arena, align
 __all__ = ["Snapshot", "SnapshotPlan", "format_path", "plan_snapshot", "take_snapshot"]
 
 _SCALARS = (bool, int, float, complex, str, bytes, type(None), torch.dtype, torch.device)
+# dtypes torch.save records through _rebuild_tensor_v3 (no legacy storage type)
+_REBUILT_V3 = frozenset(getattr(torch.storage, "_new_dtypes", lambda: ())())
 _KEY_SCALARS = (bool, int, float, complex, str, bytes, type(None))
 
 
@@ -120,6 +122,11 @@ def _numpy() -> Any:
 
 
 def _check_key(key: object, path: tuple[object, ...]) -> None:
+    if key == b"":
+        raise TypeError(
+            f"{format_path(path)} has the dict key b'', which torch.load(weights_only=True) "
+            "cannot read back (empty bytes); use another key"
+        )
     if type(key) in _KEY_SCALARS:
         return
     if type(key) is tuple:
@@ -148,6 +155,12 @@ class _Planner:
     def visit(self, obj: object, path: tuple[object, ...]) -> object:
         kind = type(obj)
         if kind in _SCALARS or kind is torch.Size:
+            if kind is bytes and not obj:
+                raise TypeError(
+                    f"{format_path(path)} is empty bytes, which torch.load(weights_only=True) "
+                    "cannot read back (pickle protocol 2 stores b'' as a call to bytes()); "
+                    "store None or a non-empty value instead"
+                )
             return obj
         oid = id(obj)
         if oid in self._memo:
@@ -250,6 +263,12 @@ class _Planner:
             or t.is_nested
         ):
             return self._clone(t, path)
+        if t.requires_grad and t.dtype in _REBUILT_V3:
+            raise TypeError(
+                f"{format_path(path)} is a {t.dtype} tensor that requires grad, which torch.load "
+                "cannot read back (its _rebuild_tensor_v3 fails on grad-requiring leaves); "
+                "save t.detach() instead"
+            )
         storage = t.untyped_storage()
         index = self._by_cdata.get(storage._cdata)
         if index is None:
