@@ -14,9 +14,9 @@
              ├ emit Written / Committed / BestUpdated / Rotated
              └ delete what the published index no longer names (failures: retried next time)
 
-A failure anywhere in a job fails that job only: its handle raises, the error is raised once in
-the caller at the next ``save()`` / ``flush()`` / ``close()``, and the writer goes on with the next
-job (a full disk that is cleared lets saving resume). Nothing a published index names is ever
+A failure anywhere in a job fails that job only: the error is raised once in the caller, by the
+save's handle if the caller waits on it, otherwise at the next ``save()`` / ``flush()`` /
+``close()``; the writer goes on with the next job (a full disk that is cleared lets saving resume). Nothing a published index names is ever
 deleted or overwritten in place: re-saving a listed name first publishes an index without it.
 """
 
@@ -96,7 +96,13 @@ class SaveHandle:
         error: the exception, once failed.
     """
 
-    def __init__(self, step: int, name: str, epoch: int | None) -> None:
+    def __init__(
+        self,
+        step: int,
+        name: str,
+        epoch: int | None,
+        on_raised: Callable[[BaseException], None] | None = None,
+    ) -> None:
         self.step = step
         self.name = name
         self.epoch = epoch
@@ -104,6 +110,7 @@ class SaveHandle:
         self.info: CheckpointInfo | None = None
         self.error: BaseException | None = None
         self._done = anyio.Event()
+        self._on_raised = on_raised
 
     def __repr__(self) -> str:
         return f"<SaveHandle {self.name!r} step={self.step} {self.status}>"
@@ -123,9 +130,13 @@ class SaveHandle:
 
         Raises:
             WriterError: the save failed or was abandoned at close (``__cause__``: the error).
+                A failure raised here counts as reported: the checkpointer does not raise it
+                again at the next ``save()`` / ``flush()`` / ``close()``.
         """
         await self._done.wait()
         if self.status == "failed":
+            if self._on_raised is not None and self.error is not None:
+                self._on_raised(self.error)
             raise WriterError(
                 f"saving {self.name!r} (step {self.step}) failed: {self.error!r}",
                 (self.error,) if self.error else (),
@@ -512,7 +523,8 @@ class AsyncCheckpointer:
         superseded = tuple(validate_name(n, where="save(supersedes=...)") for n in supersedes)
         if name_ in superseded:
             raise ValueError(f"a checkpoint cannot supersede itself ({name_!r})")
-        request = _Request(SaveHandle(step_, name_, epoch_), metrics_, self._clock(), t0,
+        handle = SaveHandle(step_, name_, epoch_, on_raised=self._forget_error)
+        request = _Request(handle, metrics_, self._clock(), t0,
                            keep, superseded)
         policy = self.config.when_full
         if policy == "block":
@@ -857,6 +869,10 @@ class AsyncCheckpointer:
     def _record_error(self, what: str, exc: BaseException) -> None:
         logger.error("asyncckpt: %s failed: %r", what, exc)
         self._errors.append((what, exc))
+
+    def _forget_error(self, exc: BaseException) -> None:
+        """A handle raised ``exc`` to its caller: it is reported, do not raise it again."""
+        self._errors = [(what, e) for what, e in self._errors if e is not exc]
 
     def _raise_pending(self) -> None:
         if not self._errors:
