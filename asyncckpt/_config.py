@@ -8,6 +8,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, fields
 from typing import Literal, get_args
 
+from ._crypto import Encryption
 from ._naming import FilenameTemplate
 
 __all__ = [
@@ -188,6 +189,8 @@ class CheckpointerConfig:
             asyncckpt checksums the whole file with xxh3-128 while streaming it, and
             ``torch.load`` reads files without the CRC.
         snapshot: how the state is copied; ``"eager"`` copies before ``save()`` returns.
+        encryption: encrypt every checkpoint this writer saves (see :class:`Encryption`); the
+            index records the mode, never the key. None: files are plain torch.save files.
     """
 
     filename: str = "step_{step}.pt"
@@ -203,6 +206,7 @@ class CheckpointerConfig:
     retry_backoff: float = 0.05
     torch_crc32: bool = False
     snapshot: SnapshotMode = "eager"
+    encryption: Encryption | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "best", normalize_best(self.best))
@@ -253,6 +257,11 @@ class CheckpointerConfig:
         for name in ("last_checkpoint", "torch_crc32"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name} must be a bool, got {getattr(self, name)!r}")
+        if self.encryption is not None and not isinstance(self.encryption, Encryption):
+            raise TypeError(
+                "encryption must be an asyncckpt.Encryption (e.g. Encryption(key, 'AES-GCM')), "
+                f"got {type(self.encryption).__name__}"
+            )
 
     @classmethod
     def from_options(
