@@ -649,13 +649,14 @@ class AsyncCheckpointer:
             encryption = self.config.encryption
             entry = IndexEntry(req.name, req.step, req.handle.epoch, req.wall, size, checksum,
                                req.metrics, numpy_paths, req.keep,
-                               None if encryption is None else encryption.mode)
+                               None if encryption is None else encryption.mode,
+                               self.config.series)
             before = self._index
             with anyio.CancelScope(shield=True):
                 state, dropped = before.with_entry(entry, self._best).superseding(
                     req.supersedes, self._best
                 )
-                state, victims = state.rotated(self._retention)
+                state, victims = state.rotated(self._retention, self.config.series)
                 victims = dropped + victims
                 await self._publish(state)
         except Exception as exc:
