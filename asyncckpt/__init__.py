@@ -10,10 +10,12 @@ from __future__ import annotations
 
 from . import events, storage
 from ._config import BestMetric, CheckpointerConfig, infer_mode
+from ._crypto import Encryption
 from ._errors import (
     CheckpointError,
     CheckpointNotFoundError,
     CorruptIndexError,
+    DecryptionError,
     IntegrityError,
     StorageError,
     TransientStorageError,
@@ -37,6 +39,8 @@ __all__ = [
     "Checkpointer",
     "CheckpointerConfig",
     "CorruptIndexError",
+    "DecryptionError",
+    "Encryption",
     "IntegrityError",
     "Problem",
     "SaveHandle",

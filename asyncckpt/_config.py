@@ -8,6 +8,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, fields
 from typing import Literal, get_args
 
+from ._crypto import Encryption
 from ._naming import FilenameTemplate
 
 __all__ = [
@@ -19,6 +20,7 @@ __all__ = [
     "OnException",
     "SnapshotMode",
     "WhenFull",
+    "check_series",
     "infer_mode",
     "normalize_best",
 ]
@@ -152,6 +154,17 @@ def normalize_best(best: object) -> tuple[BestMetric, ...]:
     return tuple(out)
 
 
+def check_series(series: object, where: str) -> str:
+    """Validate a series name (a non-empty str of printable characters, at most 200)."""
+    if not isinstance(series, str):
+        raise TypeError(f"{where} must be a str, got {type(series).__name__}")
+    if not series or len(series) > 200:
+        raise ValueError(f"{where} must be 1 to 200 characters, got {series!r:.60}")
+    if any(unicodedata.category(ch) == "Cc" for ch in series):
+        raise ValueError(f"{where} {series!r} contains a control character")
+    return series
+
+
 def _positive_int(value: object, name: str, *, allow_none: bool = True) -> None:
     if value is None and allow_none:
         return
@@ -188,6 +201,13 @@ class CheckpointerConfig:
             asyncckpt checksums the whole file with xxh3-128 while streaming it, and
             ``torch.load`` reads files without the CRC.
         snapshot: how the state is copied; ``"eager"`` copies before ``save()`` returns.
+        encryption: encrypt every checkpoint this writer saves (see :class:`Encryption`); the
+            index records the mode, never the key. None: files are plain torch.save files.
+        series: name of the checkpoint series this writer saves into (None: the default series).
+            Several series can share one folder and its index (one writer at a time): each entry
+            records its series, and ``keep_last`` / ``keep_every_n_minutes`` / ``keep_period``
+            only ever consider entries of the writer's own series. The minute windows of a named
+            series are counted from its oldest listed checkpoint.
     """
 
     filename: str = "step_{step}.pt"
@@ -203,6 +223,8 @@ class CheckpointerConfig:
     retry_backoff: float = 0.05
     torch_crc32: bool = False
     snapshot: SnapshotMode = "eager"
+    encryption: Encryption | None = None
+    series: str | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "best", normalize_best(self.best))
@@ -253,6 +275,13 @@ class CheckpointerConfig:
         for name in ("last_checkpoint", "torch_crc32"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name} must be a bool, got {getattr(self, name)!r}")
+        if self.encryption is not None and not isinstance(self.encryption, Encryption):
+            raise TypeError(
+                "encryption must be an asyncckpt.Encryption (e.g. Encryption(key, 'AES-GCM')), "
+                f"got {type(self.encryption).__name__}"
+            )
+        if self.series is not None:
+            check_series(self.series, "series")
 
     @classmethod
     def from_options(

@@ -11,6 +11,8 @@ behalf; bad arguments raise the built-in ``TypeError`` / ``ValueError`` instead:
      │    └── TransientStorageError  worth retrying: throttling, timeouts, connection resets
      ├── CorruptIndexError           the index document is unreadable or inconsistent
      ├── IntegrityError              a checkpoint's bytes do not match the checksum in the index
+     │    └── DecryptionError        an encrypted checkpoint cannot be authenticated: wrong key or
+     │                               mode, not encrypted, or modified / truncated
      └── CheckpointNotFoundError     no checkpoint matches the request (also a ``LookupError``)
 """
 
@@ -20,6 +22,7 @@ __all__ = [
     "CheckpointError",
     "CheckpointNotFoundError",
     "CorruptIndexError",
+    "DecryptionError",
     "IntegrityError",
     "StorageError",
     "TransientStorageError",
@@ -71,6 +74,12 @@ class CorruptIndexError(CheckpointError):
 
 class IntegrityError(CheckpointError):
     """A checkpoint's bytes do not match the size or checksum recorded in the index."""
+
+
+class DecryptionError(IntegrityError):
+    """An encrypted checkpoint cannot be read back: no key or the wrong key or mode was given, it
+    is not encrypted at all, or its bytes were modified, reordered or truncated. Never partial
+    plaintext: nothing of a file is returned unless all of it authenticates."""
 
 
 class CheckpointNotFoundError(CheckpointError, LookupError):

@@ -6,6 +6,7 @@ A small JSON document next to the checkpoints, replaced atomically after each co
      "latest": "step_30.pt",
      "entries": [{"name": "step_10.pt", "step": 10, "epoch": 0, "time": ..., "size": ...,
                   "checksum": "xxh3_128:...", "metrics": {"acc": 0.5}, "numpy": []}, ...],
+                  (optional: "encryption": "AES-GCM", "series": "CKP")
      "best": {"acc": {"mode": "greater", "value": 0.9, "name": "step_20.pt", "step": 20}},
      "rotation": {"window_origin": 1731000000.0, "pending_deletes": ["step_0.pt"]}}
 
@@ -22,9 +23,10 @@ import math
 import time as _time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, get_args
 
-from ._config import BestMetric, Mode
+from ._config import BestMetric, Mode, check_series
+from ._crypto import EncMode
 from ._errors import CorruptIndexError
 from ._naming import validate_name
 from ._retention import Retention
@@ -35,6 +37,7 @@ INDEX_FORMAT = "asyncckpt.index"
 INDEX_VERSION = 1
 
 PathKey = tuple[str | int, ...]
+ENCRYPTION_MODES = frozenset(get_args(EncMode))
 _NONFINITE = {"NaN": math.nan, "Infinity": math.inf, "-Infinity": -math.inf}
 
 
@@ -67,9 +70,13 @@ class IndexEntry:
     numpy_paths: tuple[PathKey, ...] = ()
     #: exempt from retention (``save(..., keep=True)``)
     keep: bool = False
+    #: the encryption mode of the stored bytes (never the key); None: a plain torch.save file
+    encryption: str | None = None
+    #: the series the entry belongs to (``CheckpointerConfig.series``); retention is per series
+    series: str | None = None
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        doc: dict[str, Any] = {
             "name": self.name,
             "step": self.step,
             "epoch": self.epoch,
@@ -80,6 +87,11 @@ class IndexEntry:
             "numpy": [list(p) for p in self.numpy_paths],
             "keep": self.keep,
         }
+        if self.encryption is not None:
+            doc["encryption"] = self.encryption
+        if self.series is not None:
+            doc["series"] = self.series
+        return doc
 
     @classmethod
     def from_json(cls, raw: object, where: str) -> IndexEntry:
@@ -90,6 +102,7 @@ class IndexEntry:
             step, epoch, size = raw["step"], raw["epoch"], raw["size"]
             checksum, metrics, numpy_paths = raw["checksum"], raw["metrics"], raw.get("numpy", [])
             keep = raw.get("keep", False)
+            encryption, series = raw.get("encryption"), raw.get("series")
             when = _decode_number(raw["time"], f"{where}.time")
         except KeyError as exc:
             raise CorruptIndexError(f"{where}: missing field {exc.args[0]!r}") from None
@@ -111,6 +124,13 @@ class IndexEntry:
             raise CorruptIndexError(f"{where}.numpy: expected a list of key paths")
         if not isinstance(keep, bool):
             raise CorruptIndexError(f"{where}.keep: expected a bool, got {keep!r}")
+        if encryption is not None and encryption not in ENCRYPTION_MODES:
+            raise CorruptIndexError(f"{where}.encryption: unknown mode {encryption!r}")
+        if series is not None:
+            try:
+                check_series(series, f"{where}.series")
+            except (TypeError, ValueError) as exc:
+                raise CorruptIndexError(str(exc)) from None
         return cls(
             name=name,
             step=step,
@@ -121,6 +141,8 @@ class IndexEntry:
             metrics={k: _decode_number(v, f"{where}.metrics.{k}") for k, v in metrics.items()},
             numpy_paths=tuple(tuple(p) for p in numpy_paths),
             keep=keep,
+            encryption=encryption,
+            series=series,
         )
 
 
@@ -225,19 +247,23 @@ class IndexState:
         pending += tuple(n for n in dropped if n not in pending)
         return replace(state, pending_deletes=pending), dropped
 
-    def rotated(self, retention: Retention) -> tuple[IndexState, list[str]]:
-        """Apply ``retention``: return the state without the victims, and the victims.
+    def rotated(
+        self, retention: Retention, series: str | None = None
+    ) -> tuple[IndexState, list[str]]:
+        """Apply ``retention`` to ``series``: return the state without the victims, and the victims.
 
-        Entries saved with ``keep=True`` are left out of retention entirely.
+        Entries saved with ``keep=True`` and entries of other series are left out of retention
+        entirely. The default series (None) counts its minute windows from the index's
+        ``window_origin``; a named series from its oldest listed entry.
 
         Victims move to ``pending_deletes``; the caller deletes their files only after publishing
         the returned state, and then calls :meth:`forget_deleted`.
         """
         # Kept entries are outside retention: never deleted, and not counted by keep_last.
         victims = retention.victims(
-            [e for e in self.entries if not e.keep],
+            [e for e in self.entries if not e.keep and e.series == series],
             protected={r.name for r in self.best.values()},
-            window_origin=self.window_origin,
+            window_origin=self.window_origin if series is None else None,
         )
         if not victims:
             return self, []

@@ -14,7 +14,8 @@ from typing import Any, Literal, TypeVar
 import anyio
 import torch
 
-from ._errors import CheckpointError, CheckpointNotFoundError, IntegrityError
+from ._crypto import HEADER_SIZE, Opener, check_key, check_mode, is_encrypted
+from ._errors import CheckpointError, CheckpointNotFoundError, DecryptionError, IntegrityError
 from ._events import CheckpointInfo
 from ._index import IndexEntry, IndexState, PathKey
 from ._naming import INDEX_NAME, TMP_PREFIX
@@ -143,6 +144,24 @@ def _check(storage: Storage, entry: IndexEntry, size: int, checksum: str) -> Non
         )
 
 
+async def _head(storage: Storage, name: str) -> bytes:
+    """The first bytes of ``name`` (enough to recognise an encryption header)."""
+    stream = storage.read_stream(name, chunk_size=HEADER_SIZE)
+    try:
+        async for chunk in stream:
+            return chunk
+        return b""
+    finally:
+        await stream.aclose()  # type: ignore[attr-defined]
+
+
+async def _decrypt(storage: Storage, name: str, opener: Opener) -> bytes:
+    """Stream ``name`` through ``opener`` (in a worker thread) and return the plaintext."""
+    async for chunk in storage.read_stream(name):
+        await anyio.to_thread.run_sync(opener.feed, chunk)
+    return await anyio.to_thread.run_sync(opener.finish)
+
+
 def _restore_numpy(tree: Any, path: PathKey) -> Any:
     if not path:
         if isinstance(tree, torch.Tensor) and tree.device.type == "cpu":
@@ -197,6 +216,8 @@ def load(
     weights_only: bool = True,
     verify: bool = True,
     storage_options: Mapping[str, Any] | None = None,
+    dec_key: bytes | None = None,
+    dec_mode: str | None = None,
 ) -> Any:
     """Load a checkpoint written by asyncckpt (or any torch.save file).
 
@@ -206,7 +227,12 @@ def load(
         map_location: as for ``torch.load``.
         weights_only: as for ``torch.load``; True (the default) refuses arbitrary pickles.
             Passing False executes whatever the file's pickle says: only for files you trust.
-        verify: check the file's size and checksum against the index before loading.
+        verify: check the file's size and checksum against the index before loading (for an
+            encrypted file: of the stored bytes, so it needs no key).
+        dec_key: the key of an encrypted checkpoint (see :class:`Encryption`); the whole file is
+            authenticated while it is decrypted (in memory) and nothing is returned unless all
+            of it authenticates.
+        dec_mode: ``"AES-GCM"`` or ``"AES-CBC"``; None accepts the mode the file's header names.
 
     Returns:
         The saved state. Numpy arrays that were saved come back as numpy arrays (plain
@@ -215,10 +241,18 @@ def load(
     Raises:
         CheckpointNotFoundError: nothing matches ``source`` / ``which``.
         IntegrityError: the file does not match its checksum.
+        DecryptionError: the file is encrypted and ``dec_key`` is missing or wrong, ``dec_mode``
+            is not its mode, it is not encrypted but ``dec_key`` was given, or its bytes were
+            modified or truncated.
         CorruptIndexError: the folder's index cannot be read.
+        TypeError, ValueError: ``dec_key`` is not 16, 24 or 32 bytes, or ``dec_mode`` is unknown.
     """
     if not isinstance(weights_only, bool):
         raise TypeError(f"weights_only must be a bool, got {weights_only!r}")
+    if dec_key is not None:  # bad keys and modes fail before anything is read
+        dec_key = check_key(dec_key, "dec_key")
+    if dec_mode is not None:
+        check_mode(dec_mode, "dec_mode")
 
     async def fetch() -> tuple[str | bytes, IndexEntry | None]:
         target = await _open_target(source, storage_options)
@@ -239,6 +273,23 @@ def load(
             else:
                 entry = _select(target.index, which, target.storage.uri)
                 name = entry.name
+            uri = target.storage.uri_of(name)
+            recorded = None if entry is None else entry.encryption
+            if recorded is not None or is_encrypted(await _head(target.storage, name)):
+                if dec_key is None:
+                    mode = f" ({recorded})" if recorded else ""
+                    raise DecryptionError(
+                        f"{uri} is encrypted{mode}; pass dec_key= (and dec_mode=) to load it"
+                    )
+                if verify and entry is not None:
+                    await _verify_stream(target.storage, entry)
+                opener = Opener(dec_key, dec_mode, where=uri)
+                return await _decrypt(target.storage, name, opener), entry
+            if dec_key is not None:
+                raise DecryptionError(
+                    f"{uri} is not encrypted, but dec_key was given; load it without dec_key "
+                    "if a plain file is what you expect"
+                )
             path = target.storage.local_path(name)
             if path is not None:
                 if verify and entry is not None:
@@ -350,7 +401,7 @@ def verify(
                     )
                     problems.append(Problem(kind, entry.name, str(exc)))
                     continue
-                if load:
+                if load and entry.encryption is None:  # encrypted ones need a key to load
                     try:
                         path = storage.local_path(entry.name)
                         if path is None:

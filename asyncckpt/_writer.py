@@ -8,7 +8,8 @@
                                                                               │ anyio memory stream
     writer   ┌────────────────────────────────────────────────────────────────┘
     task     ├ serialize in a worker thread ──chunks──▶ storage.write (tmp, fsync, rename, fsync)
-             ├ release slot + arena                     (retried on TransientStorageError)
+             │ (─▶ encrypt, same thread, if encryption) (retried on TransientStorageError)
+             ├ release slot + arena
              ├ commit [shielded]: publish the index (entry, latest, best, rotation), then
              │                    last_checkpoint; resolve the handle
              ├ emit Written / Committed / BestUpdated / Rotated
@@ -16,8 +17,9 @@
 
 A failure anywhere in a job fails that job only: the error is raised once in the caller, by the
 save's handle if the caller waits on it, otherwise at the next ``save()`` / ``flush()`` /
-``close()``; the writer goes on with the next job (a full disk that is cleared lets saving resume). Nothing a published index names is ever
-deleted or overwritten in place: re-saving a listed name first publishes an index without it.
+``close()``; the writer goes on with the next job (a full disk that is cleared lets saving
+resume). Nothing a published index names is ever deleted or overwritten in place: re-saving a
+listed name first publishes an index without it.
 """
 
 from __future__ import annotations
@@ -663,14 +665,17 @@ class AsyncCheckpointer:
             numpy_paths = tuple(job.snapshot.numpy_paths)
             self._release(job)
             self._emit(Written(req.step, req.name, size, seconds))
+            encryption = self.config.encryption
             entry = IndexEntry(req.name, req.step, req.handle.epoch, req.wall, size, checksum,
-                               req.metrics, numpy_paths, req.keep)
+                               req.metrics, numpy_paths, req.keep,
+                               None if encryption is None else encryption.mode,
+                               self.config.series)
             before = self._index
             with anyio.CancelScope(shield=True):
                 state, dropped = before.with_entry(entry, self._best).superseding(
                     req.supersedes, self._best
                 )
-                state, victims = state.rotated(self._retention)
+                state, victims = state.rotated(self._retention, self.config.series)
                 victims = dropped + victims
                 await self._publish(state)
         except Exception as exc:
@@ -699,16 +704,26 @@ class AsyncCheckpointer:
         await self._delete_pending()
 
     async def _write_data(self, name: str, snapshot: Snapshot) -> tuple[int, str]:
-        """One attempt: serialize in a worker thread, streaming chunks into storage.write."""
+        """One attempt: serialize in a worker thread, streaming chunks into storage.write.
+
+        With ``encryption`` the serializer writes into a sealer in the same thread, and the size
+        and checksum returned (for the index) are those of the stored, encrypted bytes.
+        """
         send, recv = anyio.create_memory_object_stream[object](_CHANNEL_DEPTH)
         outcome: dict[str, Any] = {}
         torch_crc32 = self.config.torch_crc32
+        encryption = self.config.encryption
 
         def produce() -> tuple[int, str]:
             def emit(chunk: object) -> None:
                 anyio.from_thread.run(send.send, chunk)
 
-            result = serialize(snapshot, emit, torch_crc32=torch_crc32)
+            if encryption is None:
+                result = serialize(snapshot, emit, torch_crc32=torch_crc32)
+            else:
+                sealer = encryption.sealer(emit)
+                serialize(snapshot, sealer.write, torch_crc32=torch_crc32)
+                result = sealer.finish()
             anyio.from_thread.run(send.send, _END)
             return result
 
