@@ -178,7 +178,8 @@ _BUILTIN_TYPES = frozenset(
 
 
 def normalize_extra_types(extra: object) -> ExtraTypes:
-    """Turn the user's ``extra_types=`` (classes, or a mapping class -> reducer/None) into pairs.
+    """Turn ``extra_types=`` (classes, a mapping class -> reducer/None, or (class, reducer)
+    pairs) into pairs.
 
     Raises:
         TypeError: an item is not a class, a reducer is not callable, or the argument has the
@@ -191,7 +192,9 @@ def normalize_extra_types(extra: object) -> ExtraTypes:
     if isinstance(extra, Mapping):
         pairs = list(extra.items())
     elif isinstance(extra, Iterable) and not isinstance(extra, (str, bytes)):
-        pairs = [(item, None) for item in extra]
+        # (class, reducer) pairs: the normalized form, which dataclasses.replace() passes back
+        pairs = [item if isinstance(item, tuple) and len(item) == 2 else (item, None)
+                 for item in extra]
     else:
         raise TypeError(
             "extra_types must be a list of classes or a mapping {class: reducer or None}, "

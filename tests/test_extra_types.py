@@ -153,3 +153,11 @@ def test_failed_save_leaves_an_unlisted_superseded_file(wrapped, ckpt_dir):
         with Checkpointer(wrapped) as ckpt:
             ckpt.save({"t": torch.zeros(1)}, step=1, name="new.pth", supersedes=["old.pth"])
     assert folder_files(ckpt_dir) == {"old.pth"}
+
+
+def test_extra_types_survive_dataclasses_replace():
+    import dataclasses
+
+    config = CheckpointerConfig(extra_types={Record: reduce_record, np.ndarray: None})
+    again = dataclasses.replace(config, queue_size=2)
+    assert again.extra_types == config.extra_types == ((Record, reduce_record), (np.ndarray, None))
