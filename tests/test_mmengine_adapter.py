@@ -342,6 +342,8 @@ def test_training_ends_with_everything_written_and_the_writer_closed(tmp_path):
     assert [c.name for c in asyncckpt.checkpoints(runner.work_dir)] == [
         "epoch_1.pth", "epoch_2.pth", "epoch_3.pth"
     ]
+    state = asyncckpt.load(runner.work_dir, "epoch_2.pth")  # verified against the index
+    assert state["meta"]["epoch"] == 2
 
 
 # -- ported from mmengine's tests/test_hooks/test_checkpoint_hook.py ------------------------------
