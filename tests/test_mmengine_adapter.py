@@ -362,6 +362,8 @@ def test_training_ends_with_everything_written_and_the_writer_closed(tmp_path):
         dict(published_keys=1),
         dict(published_keys=["meta", "meta"]),
         dict(save_begin=-1),
+        dict(greater_keys=[1]),
+        dict(less_keys=("loss", None)),
     ],
 )
 def test_init_raises_what_checkpoint_hook_raises(args):

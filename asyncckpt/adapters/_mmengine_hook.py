@@ -112,8 +112,9 @@ class AsyncCheckpointHook(Hook):
         published_keys: after training, publish the last and best checkpoints with only these
             keys as ``<name>-<sha256[:8]>.pth``.
         save_begin: the epoch / iteration from which ``interval`` counts.
-        queue_size: asyncckpt: snapshots that may wait while one is written.
-        when_full: asyncckpt: ``'block'``, ``'skip'`` or ``'coalesce'`` when the queue is full.
+        queue_size: asyncckpt: snapshots that may wait while one is written; a save waits
+            for a free slot when they are all taken (the hook never skips a checkpoint: the
+            message hub already names it).
 
     Raises:
         TypeError, ValueError: an argument is invalid. Where ``CheckpointHook`` raises
@@ -147,7 +148,6 @@ class AsyncCheckpointHook(Hook):
         save_begin: int = 0,
         *,
         queue_size: int = 1,
-        when_full: str = "block",
         **kwargs: Any,
     ) -> None:
         if kwargs:
@@ -210,7 +210,7 @@ class AsyncCheckpointHook(Hook):
 
         self._config = CheckpointerConfig(
             queue_size=queue_size,
-            when_full=when_full,  # type: ignore[arg-type]
+            when_full="block",
             last_checkpoint=False,  # mmengine's pointer lives in the work dir; we write it
             extra_types=tuple(EXTRA_TYPES.items()),
             cpu_locations=True,  # as Runner.save_checkpoint's weights_to_cpu()
