@@ -668,3 +668,13 @@ def test_with_runner_ported(tmp_path, kind):
     assert sorted(n for n in os.listdir(work) if n.endswith(".pth")) == [
         f"{kind}_11.pth", f"{kind}_12.pth"
     ]
+
+
+def test_evaluation_outside_training_saves_nothing(tmp_path):
+    """runner.val() runs after_val_epoch without before_train; CheckpointHook would crash."""
+    hook = AsyncCheckpointHook(save_best="test/acc", out_dir=str(tmp_path / "out"))
+    runner = build_runner(tmp_path / "exp", hook)
+    metrics = runner.val()
+    assert "test/acc" in metrics
+    assert "best_ckpt" not in runner.message_hub.runtime_info
+    assert not osp.exists(tmp_path / "out")

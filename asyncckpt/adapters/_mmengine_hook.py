@@ -384,8 +384,8 @@ class AsyncCheckpointHook(Hook):
     def _save_best_checkpoint(self, runner: Any, metrics: dict[str, Any]) -> None:
         if not self.save_best:
             return
-        if self.out_dir is None:
-            return  # evaluation outside training (runner.val()): there is no folder to save to
+        if self._work_dir is None:
+            return  # evaluation outside training (runner.val()): before_train() never ran
         if self.by_epoch:
             cur_type, cur_time = "epoch", runner.epoch
         else:
