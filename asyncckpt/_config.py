@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import math
 import unicodedata
-from collections.abc import Iterable, Mapping
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, fields
-from typing import Literal, get_args
+from typing import Any, Literal, get_args
+
+import torch
 
 from ._crypto import Encryption
 from ._naming import FilenameTemplate
@@ -16,8 +19,10 @@ __all__ = [
     "DEFAULT_LESS_KEYS",
     "BestMetric",
     "CheckpointerConfig",
+    "ExtraTypes",
     "Mode",
     "OnException",
+    "Reducer",
     "SnapshotMode",
     "WhenFull",
     "check_series",
@@ -29,6 +34,10 @@ Mode = Literal["greater", "less"]
 WhenFull = Literal["block", "skip", "coalesce"]
 OnException = Literal["drain", "abandon"]
 SnapshotMode = Literal["eager"]
+#: A copyreg-style reduce function: ``obj -> (callable, args[, state, ...])`` (see ``copyreg``).
+Reducer = Callable[[Any], tuple[Any, ...]]
+#: Normalized ``extra_types``: ``((cls, reducer or None), ...)``.
+ExtraTypes = tuple[tuple[type, "Reducer | None"], ...]
 
 #: mmengine's defaults (``CheckpointHook._default_greater_keys`` / ``_default_less_keys``).
 DEFAULT_GREATER_KEYS: tuple[str, ...] = (
@@ -174,6 +183,55 @@ def _positive_int(value: object, name: str, *, allow_none: bool = True) -> None:
         raise ValueError(f"{name} must be >= 1, got {value}")
 
 
+# Types the snapshot walks or copies itself; listing them would change how every state is stored.
+_BUILTIN_TYPES = frozenset(
+    {dict, OrderedDict, list, tuple, str, bytes, int, float, bool, complex, type(None),
+     torch.Tensor, torch.nn.Parameter}
+)
+
+
+def normalize_extra_types(extra: object) -> ExtraTypes:
+    """Turn ``extra_types=`` (classes, a mapping class -> reducer/None, or (class, reducer)
+    pairs) into pairs.
+
+    Raises:
+        TypeError: an item is not a class, a reducer is not callable, or the argument has the
+            wrong shape.
+        ValueError: a class is given twice, or is one the snapshot already handles itself.
+    """
+    if extra is None:
+        return ()
+    pairs: list[tuple[object, object]]
+    if isinstance(extra, Mapping):
+        pairs = list(extra.items())
+    elif isinstance(extra, Iterable) and not isinstance(extra, (str, bytes)):
+        # (class, reducer) pairs: the normalized form, which dataclasses.replace() passes back
+        pairs = [item if isinstance(item, tuple) and len(item) == 2 else (item, None)
+                 for item in extra]
+    else:
+        raise TypeError(
+            "extra_types must be a list of classes or a mapping {class: reducer or None}, "
+            f"got {type(extra).__name__}"
+        )
+    out: list[tuple[type, Reducer | None]] = []
+    for cls, reducer in pairs:
+        if not isinstance(cls, type):
+            raise TypeError(f"extra_types: expected a class, got {cls!r:.60}")
+        if cls in _BUILTIN_TYPES:
+            raise ValueError(
+                f"extra_types: {cls.__qualname__} is already handled by the snapshot itself"
+            )
+        if any(cls is seen for seen, _ in out):
+            raise ValueError(f"extra_types: {cls.__qualname__} is given twice")
+        if reducer is not None and not callable(reducer):
+            raise TypeError(
+                f"extra_types[{cls.__qualname__}]: the reducer must be callable or None, "
+                f"got {type(reducer).__name__}"
+            )
+        out.append((cls, reducer))
+    return tuple(out)
+
+
 @dataclass(frozen=True)
 class CheckpointerConfig:
     """Everything a writer is configured with. Front doors build it from their keyword arguments.
@@ -208,6 +266,20 @@ class CheckpointerConfig:
             records its series, and ``keep_last`` / ``keep_every_n_minutes`` / ``keep_period``
             only ever consider entries of the writer's own series. The minute windows of a named
             series are counted from its oldest listed checkpoint.
+        extra_types: classes whose instances may appear in the state although they are neither
+            tensors nor containers, e.g. ``[MyRecord]`` or ``{MyRecord: reduce_fn}``. Instances
+            of exactly these classes are deep-copied (``copy.deepcopy``) when the snapshot is
+            taken and pickled into the file as objects: with the class's own pickling, or with
+            the given copyreg-style reducer. ``numpy.ndarray`` may be listed to keep arrays as
+            numpy arrays instead of storing them as tensors. Tensors inside such objects are
+            copied by ``deepcopy``, not through the buffer pool. Reading the file back with
+            ``torch.load(weights_only=True)`` (and ``asyncckpt.load``) requires the classes and
+            whatever their pickles reference to be allowlisted with
+            ``torch.serialization.add_safe_globals``.
+        cpu_locations: record every tensor as a CPU tensor in the file, as ``.cpu()`` before
+            ``torch.save`` would (what mmengine writes), instead of the device it was copied
+            from; ``torch.load`` without ``map_location`` then works on machines without that
+            device.
     """
 
     filename: str = "step_{step}.pt"
@@ -225,9 +297,12 @@ class CheckpointerConfig:
     snapshot: SnapshotMode = "eager"
     encryption: Encryption | None = None
     series: str | None = None
+    extra_types: ExtraTypes = field(default=())
+    cpu_locations: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "best", normalize_best(self.best))
+        object.__setattr__(self, "extra_types", normalize_extra_types(self.extra_types))
         FilenameTemplate(self.filename)  # validates
         _positive_int(self.queue_size, "queue_size", allow_none=False)
         _positive_int(self.keep_last, "keep_last")
@@ -272,7 +347,7 @@ class CheckpointerConfig:
             raise ValueError(
                 f"retry_backoff must be a finite number >= 0, got {self.retry_backoff!r}"
             )
-        for name in ("last_checkpoint", "torch_crc32"):
+        for name in ("last_checkpoint", "torch_crc32", "cpu_locations"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name} must be a bool, got {getattr(self, name)!r}")
         if self.encryption is not None and not isinstance(self.encryption, Encryption):

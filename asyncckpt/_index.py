@@ -233,14 +233,17 @@ class IndexState:
     def superseding(
         self, names: Iterable[str], metrics: Sequence[BestMetric]
     ) -> tuple[IndexState, list[str]]:
-        """Drop the listed entries that exist (``save(..., supersedes=...)``); like rotation,
-        their files become pending deletions. Return the new state and the dropped names."""
+        """Drop the named entries (``save(..., supersedes=...)``); like rotation, their files
+        become pending deletions. Names the index does not list (files another tool wrote into
+        the folder) become pending deletions as well. Return the new state and the names."""
         state = self
         dropped: list[str] = []
         for name in names:
+            if name in dropped:
+                continue
             if name in state.names:
                 state = state.without_entry(name, metrics)
-                dropped.append(name)
+            dropped.append(name)
         if not dropped:
             return self, []
         pending = state.pending_deletes

@@ -21,12 +21,13 @@ The file is what ``torch.save(snapshot.tree, f)`` writes (zip archive: ``data.pk
 
 from __future__ import annotations
 
+import copyreg
 import ctypes
 import io
 import pickle
 import sys
 from bisect import bisect_right
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -167,15 +168,26 @@ def serialize(
     emit: Callable[[memoryview | bytearray], None],
     *,
     torch_crc32: bool = False,
+    reducers: Mapping[type, Callable[[Any], tuple[Any, ...]]] | None = None,
+    cpu_locations: bool = False,
 ) -> tuple[int, str]:
     """Write ``snapshot`` in torch.save format to ``emit``; return ``(size, checksum)``.
 
     Blocking; run it in a worker thread. Chunks handed to ``emit`` may reference the snapshot's
     memory, so the snapshot must stay alive until they are consumed.
+
+    Args:
+        snapshot: what to write.
+        emit: receives the file's bytes in order.
+        torch_crc32: also compute torch's per-record CRC32.
+        reducers: copyreg-style reduce functions for extra types, used instead of the classes'
+            own pickling (for this file only; ``copyreg``'s global table is not touched).
+        cpu_locations: record every storage as ``cpu`` rather than the device it came from.
     """
     serialized: dict[str, torch.UntypedStorage] = {}
     id_map: dict[int, str] = {}
-    locations = snapshot.locations
+    locations: Mapping[int, str] = {} if cpu_locations else snapshot.locations
+    dispatch = {**copyreg.dispatch_table, **reducers} if reducers else None
 
     def persistent_id(obj: Any) -> tuple[Any, ...] | None:
         # Mirrors torch.serialization._save's persistent_id, plus the location override.
@@ -189,7 +201,10 @@ def serialize(
                 storage_type = normalize_storage_type(type(obj))
                 numel = storage.nbytes()
             key = id_map.setdefault(storage._cdata, str(len(id_map)))
-            location = locations.get(storage._cdata) or location_tag(storage)
+            if cpu_locations:
+                location = "cpu"
+            else:
+                location = locations.get(storage._cdata) or location_tag(storage)
             serialized[key] = storage
             return ("storage", storage_type, key, location, numel)
         return None
@@ -199,7 +214,10 @@ def serialize(
             return persistent_id(obj)
 
     data_buf = io.BytesIO()
-    _Pickler(data_buf, protocol=_PICKLE_PROTOCOL).dump(snapshot.tree)
+    pickler = _Pickler(data_buf, protocol=_PICKLE_PROTOCOL)
+    if dispatch is not None:
+        pickler.dispatch_table = dispatch
+    pickler.dump(snapshot.tree)
     data = data_buf.getvalue()
 
     sink = _Sink(emit, snapshot.ranges)

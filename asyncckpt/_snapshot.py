@@ -4,8 +4,9 @@ Two steps, so the writer can size and reserve a buffer before any byte is copied
 
     plan_snapshot(state)  walk the tree on the caller's thread: validate every object (TypeError
                           naming its path), call state_dict() on modules/optimizers/schedulers,
-                          collect each distinct tensor storage once, and build the result tree
-                          with empty placeholder tensors
+                          deep-copy instances of the configured extra types, collect each
+                          distinct tensor storage once, and build the result tree with empty
+                          placeholder tensors
     take_snapshot(plan, arena)
                           copy every storage into one pooled arena (CUDA: on a side stream into
                           pinned memory) and bind the placeholders to it with the original
@@ -18,8 +19,10 @@ caller may mutate or free them at once.
 
 from __future__ import annotations
 
+import copy
 import sys
 from collections import OrderedDict
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -141,7 +144,8 @@ def _check_key(key: object, path: tuple[object, ...]) -> None:
 
 
 class _Planner:
-    def __init__(self) -> None:
+    def __init__(self, extra_types: Collection[type] = ()) -> None:
+        self.extra_types = frozenset(extra_types)
         self.storages: list[_StorageCopy] = []
         self.tensors: list[_TensorCopy] = []
         self.numpy_paths: list[PathKey] = []
@@ -166,7 +170,7 @@ class _Planner:
         if oid in self._memo:
             copy = self._memo[oid][1]
             np = _numpy()
-            if np is not None and isinstance(obj, np.ndarray):
+            if np is not None and isinstance(obj, np.ndarray) and kind not in self.extra_types:
                 self._record_numpy(path)
             return copy
         if oid in self._active:
@@ -183,6 +187,14 @@ class _Planner:
         return copy
 
     def _visit_new(self, obj: Any, kind: type, path: tuple[object, ...]) -> object:
+        if kind in self.extra_types:
+            try:
+                return copy.deepcopy(obj)
+            except Exception as exc:
+                raise TypeError(
+                    f"{format_path(path)}: cannot copy the {kind.__module__}.{kind.__qualname__}"
+                    f" (listed in extra_types) for the snapshot: {exc}"
+                ) from exc
         if kind is dict or kind is OrderedDict:
             out: dict[object, object] = kind()
             for key, value in obj.items():
@@ -222,7 +234,8 @@ class _Planner:
         raise TypeError(
             f"{format_path(path)}: cannot checkpoint an object of type "
             f"{kind.__module__}.{kind.__qualname__}{hint}. Supported: tensors, numpy arrays, "
-            "dict/list/tuple, Python scalars, str/bytes, None, and objects with state_dict()."
+            "dict/list/tuple, Python scalars, str/bytes, None, objects with state_dict(), and "
+            "the classes listed in the checkpointer's extra_types."
         )
 
     def _record_numpy(self, path: tuple[object, ...]) -> None:
@@ -312,15 +325,16 @@ class _Planner:
         return copy
 
 
-def plan_snapshot(state: object) -> SnapshotPlan:
+def plan_snapshot(state: object, extra_types: Collection[type] = ()) -> SnapshotPlan:
     """Validate ``state`` and plan its copy (no tensor data is copied yet, except for the rare
-    tensors the pool cannot hold).
+    tensors the pool cannot hold, and instances of ``extra_types``, which are deep-copied and
+    kept as they are).
 
     Raises:
         TypeError: something in the state cannot be checkpointed; the message names its path,
             e.g. ``state['optim']['param_groups'][0]['fn']``.
     """
-    planner = _Planner()
+    planner = _Planner(extra_types)
     try:
         tree = planner.visit(state, ())
     except RecursionError:

@@ -290,6 +290,8 @@ class AsyncCheckpointer:
             self.config.keep_last, self.config.keep_every_n_minutes, self.config.keep_period
         )
         self._best: tuple[BestMetric, ...] = self.config.best
+        self._extra_types = frozenset(cls for cls, _ in self.config.extra_types)
+        self._reducers = {cls: fn for cls, fn in self.config.extra_types if fn is not None}
         self._observers: list[Observer] = []
         for observer in observers:
             self.subscribe(observer)
@@ -448,9 +450,10 @@ class AsyncCheckpointer:
             metrics: numbers recorded with the checkpoint; best pointers read them.
             name: file name to use instead of the template's.
             keep: exempt this checkpoint from retention (it stays until superseded).
-            supersedes: names of committed checkpoints this one replaces: once it commits they
-                are dropped from the index in the same update and their files deleted (nothing
-                happens if this save is skipped, coalesced or fails).
+            supersedes: names of checkpoints this one replaces: once it commits they are dropped
+                from the index in the same update and their files deleted (nothing happens if this
+                save is skipped, coalesced or fails). A name the index does not list is deleted
+                too, e.g. a file another tool wrote into the folder.
 
         Returns:
             A :class:`SaveHandle`; ``await handle.committed()`` waits for durability.
@@ -565,7 +568,7 @@ class AsyncCheckpointer:
 
     def _take_snapshot(self, state: object) -> Snapshot:
         """Plan and copy ``state`` (blocking; caller thread or worker thread)."""
-        plan = plan_snapshot(state)
+        plan = plan_snapshot(state, self._extra_types)
         arena = self._pool.acquire(plan.nbytes)
         try:
             return take_snapshot(plan, arena, self._copier)
@@ -713,16 +716,21 @@ class AsyncCheckpointer:
         outcome: dict[str, Any] = {}
         torch_crc32 = self.config.torch_crc32
         encryption = self.config.encryption
+        cpu_locations = self.config.cpu_locations
+        reducers = self._reducers
 
         def produce() -> tuple[int, str]:
             def emit(chunk: object) -> None:
                 anyio.from_thread.run(send.send, chunk)
 
+            options: dict[str, Any] = dict(
+                torch_crc32=torch_crc32, reducers=reducers, cpu_locations=cpu_locations
+            )
             if encryption is None:
-                result = serialize(snapshot, emit, torch_crc32=torch_crc32)
+                result = serialize(snapshot, emit, **options)
             else:
                 sealer = encryption.sealer(emit)
-                serialize(snapshot, sealer.write, torch_crc32=torch_crc32)
+                serialize(snapshot, sealer.write, **options)
                 result = sealer.finish()
             anyio.from_thread.run(send.send, _END)
             return result
