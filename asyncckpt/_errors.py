@@ -11,6 +11,8 @@ behalf; bad arguments raise the built-in ``TypeError`` / ``ValueError`` instead:
      │    └── TransientStorageError  worth retrying: throttling, timeouts, connection resets
      ├── CorruptIndexError           the index document is unreadable or inconsistent
      ├── IntegrityError              a checkpoint's bytes do not match the checksum in the index
+     ├── SnapshotMutatedError        check_snapshot: a tensor copied in the background (pipelined
+     │                               snapshot) was changed in place before its copy completed
      └── CheckpointNotFoundError     no checkpoint matches the request (also a ``LookupError``)
 """
 
@@ -21,6 +23,7 @@ __all__ = [
     "CheckpointNotFoundError",
     "CorruptIndexError",
     "IntegrityError",
+    "SnapshotMutatedError",
     "StorageError",
     "TransientStorageError",
     "WriterClosedError",
@@ -71,6 +74,20 @@ class CorruptIndexError(CheckpointError):
 
 class IntegrityError(CheckpointError):
     """A checkpoint's bytes do not match the size or checksum recorded in the index."""
+
+
+class SnapshotMutatedError(CheckpointError):
+    """A tensor of a pipelined snapshot was modified in place before its background copy completed.
+
+    Raised (through the save's handle and at the next ``save()`` / ``flush()`` / ``close()``)
+    only with ``check_snapshot=True``; the save fails rather than commit a state that never
+    existed. Attributes:
+        path: where the tensor is in the state, e.g. ``state['model'].state_dict()['0.weight']``.
+    """
+
+    def __init__(self, message: str, path: str) -> None:
+        super().__init__(message)
+        self.path = path
 
 
 class CheckpointNotFoundError(CheckpointError, LookupError):
