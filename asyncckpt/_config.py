@@ -26,7 +26,7 @@ __all__ = [
 Mode = Literal["greater", "less"]
 WhenFull = Literal["block", "skip", "coalesce"]
 OnException = Literal["drain", "abandon"]
-SnapshotMode = Literal["eager"]
+SnapshotMode = Literal["eager", "pipelined"]
 
 #: mmengine's defaults (``CheckpointHook._default_greater_keys`` / ``_default_less_keys``).
 DEFAULT_GREATER_KEYS: tuple[str, ...] = (
@@ -187,7 +187,16 @@ class CheckpointerConfig:
         torch_crc32: also compute torch's own per-record CRC32 inside the file. Off by default:
             asyncckpt checksums the whole file with xxh3-128 while streaming it, and
             ``torch.load`` reads files without the CRC.
-        snapshot: how the state is copied; ``"eager"`` copies before ``save()`` returns.
+        snapshot: how the state is copied (``save(snapshot=...)`` overrides it per call).
+            ``"eager"`` copies everything before ``save()`` returns. ``"pipelined"`` copies
+            before returning only what no guard protects, and the tensors that an optimizer in
+            the state updates (its parameters and state) in the background while the next
+            forward/backward runs; that optimizer's next ``step()`` waits for them. Anything
+            else that changes those tensors in place must call ``wait_snapshot()`` first.
+        check_snapshot: debug aid for ``"pipelined"``: checksum every tensor copied in the
+            background at ``save()`` and again once copied; a mismatch (the tensor was changed
+            in place without a guard) fails the save with ``SnapshotMutatedError``. Costs a
+            full extra read of those tensors per save (a synchronous copy for CUDA tensors).
     """
 
     filename: str = "step_{step}.pt"
@@ -203,6 +212,7 @@ class CheckpointerConfig:
     retry_backoff: float = 0.05
     torch_crc32: bool = False
     snapshot: SnapshotMode = "eager"
+    check_snapshot: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "best", normalize_best(self.best))
@@ -250,7 +260,7 @@ class CheckpointerConfig:
             raise ValueError(
                 f"retry_backoff must be a finite number >= 0, got {self.retry_backoff!r}"
             )
-        for name in ("last_checkpoint", "torch_crc32"):
+        for name in ("last_checkpoint", "torch_crc32", "check_snapshot"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name} must be a bool, got {getattr(self, name)!r}")
 
