@@ -33,7 +33,7 @@ __all__ = [
 Mode = Literal["greater", "less"]
 WhenFull = Literal["block", "skip", "coalesce"]
 OnException = Literal["drain", "abandon"]
-SnapshotMode = Literal["eager"]
+SnapshotMode = Literal["eager", "pipelined"]
 #: A copyreg-style reduce function: ``obj -> (callable, args[, state, ...])`` (see ``copyreg``).
 Reducer = Callable[[Any], tuple[Any, ...]]
 #: Normalized ``extra_types``: ``((cls, reducer or None), ...)``.
@@ -258,7 +258,16 @@ class CheckpointerConfig:
         torch_crc32: also compute torch's own per-record CRC32 inside the file. Off by default:
             asyncckpt checksums the whole file with xxh3-128 while streaming it, and
             ``torch.load`` reads files without the CRC.
-        snapshot: how the state is copied; ``"eager"`` copies before ``save()`` returns.
+        snapshot: how the state is copied (``save(snapshot=...)`` overrides it per call).
+            ``"eager"`` copies everything before ``save()`` returns. ``"pipelined"`` copies
+            before returning only what no guard protects, and the tensors that an optimizer in
+            the state updates (its parameters and state) in the background while the next
+            forward/backward runs; that optimizer's next ``step()`` waits for them. Anything
+            else that changes those tensors in place must call ``wait_snapshot()`` first.
+        check_snapshot: debug aid for ``"pipelined"``: checksum every tensor copied in the
+            background at ``save()`` and again once copied; a mismatch (the tensor was changed
+            in place without a guard) fails the save with ``SnapshotMutatedError``. Costs a
+            full extra read of those tensors per save (a synchronous copy for CUDA tensors).
         encryption: encrypt every checkpoint this writer saves (see :class:`Encryption`); the
             index records the mode, never the key. None: files are plain torch.save files.
         series: name of the checkpoint series this writer saves into (None: the default series).
@@ -295,6 +304,7 @@ class CheckpointerConfig:
     retry_backoff: float = 0.05
     torch_crc32: bool = False
     snapshot: SnapshotMode = "eager"
+    check_snapshot: bool = False
     encryption: Encryption | None = None
     series: str | None = None
     extra_types: ExtraTypes = field(default=())
@@ -347,7 +357,7 @@ class CheckpointerConfig:
             raise ValueError(
                 f"retry_backoff must be a finite number >= 0, got {self.retry_backoff!r}"
             )
-        for name in ("last_checkpoint", "torch_crc32", "cpu_locations"):
+        for name in ("last_checkpoint", "torch_crc32", "cpu_locations", "check_snapshot"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name} must be a bool, got {getattr(self, name)!r}")
         if self.encryption is not None and not isinstance(self.encryption, Encryption):

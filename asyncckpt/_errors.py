@@ -13,6 +13,8 @@ behalf; bad arguments raise the built-in ``TypeError`` / ``ValueError`` instead:
      ├── IntegrityError              a checkpoint's bytes do not match the checksum in the index
      │    └── DecryptionError        an encrypted checkpoint cannot be authenticated: wrong key or
      │                               mode, not encrypted, or modified / truncated
+     ├── SnapshotMutatedError        check_snapshot: a tensor copied in the background (pipelined
+     │                               snapshot) was changed in place before its copy completed
      └── CheckpointNotFoundError     no checkpoint matches the request (also a ``LookupError``)
 """
 
@@ -24,6 +26,7 @@ __all__ = [
     "CorruptIndexError",
     "DecryptionError",
     "IntegrityError",
+    "SnapshotMutatedError",
     "StorageError",
     "TransientStorageError",
     "WriterClosedError",
@@ -80,6 +83,20 @@ class DecryptionError(IntegrityError):
     """An encrypted checkpoint cannot be read back: no key or the wrong key or mode was given, it
     is not encrypted at all, or its bytes were modified, reordered or truncated. Never partial
     plaintext: nothing of a file is returned unless all of it authenticates."""
+
+
+class SnapshotMutatedError(CheckpointError):
+    """A tensor of a pipelined snapshot was modified in place before its background copy completed.
+
+    Raised (through the save's handle and at the next ``save()`` / ``flush()`` / ``close()``)
+    only with ``check_snapshot=True``; the save fails rather than commit a state that never
+    existed. Attributes:
+        path: where the tensor is in the state, e.g. ``state['model'].state_dict()['0.weight']``.
+    """
+
+    def __init__(self, message: str, path: str) -> None:
+        super().__init__(message)
+        self.path = path
 
 
 class CheckpointNotFoundError(CheckpointError, LookupError):

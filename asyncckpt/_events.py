@@ -145,6 +145,10 @@ class CheckpointStats:
     ``committed``, ``skipped``, ``coalesced`` or ``failed`` (or is still in flight).
     Stall percentiles cover the most recent 10,000 saves; ``stall_max`` covers all of them.
     ``write_throughput`` is committed bytes over the time spent writing them (bytes/s).
+    Pipelined snapshots: ``guard_calls`` counts guards that ran (an optimizer step or
+    ``wait_snapshot()`` while a background copy was pending), ``guard_waits`` those that found
+    their tensors not yet copied, and ``guard_wait_seconds`` the time the host spent waiting in
+    them (a CUDA guard makes the training stream wait instead, so it adds no host time).
     """
 
     saves: int
@@ -160,6 +164,9 @@ class CheckpointStats:
     write_throughput: float
     rotated: int
     delete_failures: int
+    guard_calls: int = 0
+    guard_waits: int = 0
+    guard_wait_seconds: float = 0.0
 
 
 class StatsCollector:
@@ -178,6 +185,16 @@ class StatsCollector:
         self._bytes = 0
         self._write_bytes = 0
         self._write_seconds = 0.0
+        self._guards = [0, 0]  # calls, waits
+        self._guard_seconds = 0.0
+
+    def record_guard(self, waited: bool, seconds: float) -> None:
+        """Count one guard of a pipelined snapshot (called on the training thread)."""
+        with self._lock:
+            self._guards[0] += 1
+            if waited:
+                self._guards[1] += 1
+                self._guard_seconds += seconds
 
     def __call__(self, event: Event) -> None:
         with self._lock:
@@ -227,4 +244,7 @@ class StatsCollector:
                 ),
                 rotated=c["rotated"],
                 delete_failures=c["delete_failures"],
+                guard_calls=self._guards[0],
+                guard_waits=self._guards[1],
+                guard_wait_seconds=self._guard_seconds,
             )

@@ -115,6 +115,12 @@ class BufferPool:
             if not self.closed:
                 self._free.append(arena)
 
+    def discard(self, arena: Arena) -> None:
+        """Give up ``arena`` without reusing it: something may still write it (a cancelled copy,
+        whose references free it when it stops). Its place in the pool is freed at once."""
+        with self._lock:
+            self._in_use -= 1
+
     def close(self) -> None:
         """Drop every free arena; arenas still in use are dropped when released."""
         with self._lock:

@@ -13,8 +13,11 @@ Two steps, so the writer can size and reserve a buffer before any byte is copied
                           offsets/sizes/strides, so storage sharing is exactly what torch.save
                           would have recorded
 
-After ``take_snapshot`` returns, the snapshot shares no memory with the caller's tensors: the
-caller may mutate or free them at once.
+After an eager ``take_snapshot`` returns, the snapshot shares no memory with the caller's tensors:
+the caller may mutate or free them at once. A pipelined one (``pipelined=True``) leaves the
+storages that an optimizer in the state updates to a :class:`~asyncckpt._pipelined.PendingCopy`
+(``snapshot.pending``), which copies them in the background behind a guard on that optimizer's
+``step()``; see ``_pipelined.py``.
 """
 
 from __future__ import annotations
@@ -30,9 +33,18 @@ import torch
 from torch.serialization import location_tag
 
 from ._index import PathKey
+from ._pipelined import CopyMonitor, DeferredStorage, GuardGroup, PendingCopy, host_checksum
 from ._pool import Arena, align
 
-__all__ = ["Snapshot", "SnapshotPlan", "format_path", "plan_snapshot", "take_snapshot"]
+__all__ = [
+    "CudaCopier",
+    "Snapshot",
+    "SnapshotPlan",
+    "caller_streams",
+    "format_path",
+    "plan_snapshot",
+    "take_snapshot",
+]
 
 _SCALARS = (bool, int, float, complex, str, bytes, type(None), torch.dtype, torch.device)
 # dtypes torch.save records through _rebuild_tensor_v3 (no legacy storage type)
@@ -90,6 +102,8 @@ class SnapshotPlan:
     #: planning; their storages are kept here so the serializer may reference them zero-copy
     cloned: list[torch.UntypedStorage]
     nbytes: int
+    #: optimizers found in the state, each with the storages it updates (params and state)
+    owners: list[tuple[torch.optim.Optimizer, tuple[int, ...]]] = field(default_factory=list)
 
     @property
     def devices(self) -> set[torch.device]:
@@ -109,6 +123,8 @@ class Snapshot:
         ranges: ``(address, nbytes)`` of memory this snapshot owns; the serializer may hand such
             memory to storage without copying it.
         arena: the pooled buffer holding the copies (returned to the pool when the write is done).
+        pending: for a pipelined snapshot, the copy still running in the background; the tree
+            must not be read before it completed.
     """
 
     tree: Any
@@ -118,6 +134,7 @@ class Snapshot:
     ranges: list[tuple[int, int]]
     arena: Arena | None
     _keepalive: list[object] = field(default_factory=list, repr=False)
+    pending: PendingCopy | None = None
 
 
 def _numpy() -> Any:
@@ -150,7 +167,8 @@ class _Planner:
         self.tensors: list[_TensorCopy] = []
         self.numpy_paths: list[PathKey] = []
         self.cloned: list[torch.UntypedStorage] = []
-        self._by_cdata: dict[int, int] = {}
+        self.optimizers: list[torch.optim.Optimizer] = []
+        self.by_cdata: dict[int, int] = {}
         # id -> (original, copy): holding the original keeps its id from being reused by a
         # temporary (e.g. a state_dict() result) while the walk is still running.
         self._memo: dict[int, tuple[object, object]] = {}
@@ -225,6 +243,8 @@ class _Planner:
             return value
         state_dict = getattr(obj, "state_dict", None)
         if callable(state_dict) and not isinstance(obj, type):
+            if isinstance(obj, torch.optim.Optimizer):
+                self.optimizers.append(obj)
             return self.visit(state_dict(), (*path, _SD))
         hint = ""
         if isinstance(obj, (dict, list, tuple)):
@@ -283,10 +303,10 @@ class _Planner:
                 "save t.detach() instead"
             )
         storage = t.untyped_storage()
-        index = self._by_cdata.get(storage._cdata)
+        index = self.by_cdata.get(storage._cdata)
         if index is None:
             index = len(self.storages)
-            self._by_cdata[storage._cdata] = index
+            self.by_cdata[storage._cdata] = index
             self.storages.append(
                 _StorageCopy(storage, storage.nbytes(), t.device, location_tag(storage), t.dtype,
                              path)
@@ -345,9 +365,27 @@ def plan_snapshot(state: object, extra_types: Collection[type] = ()) -> Snapshot
     for spec in planner.storages:
         spec.offset = offset
         offset += align(spec.nbytes)
+    owners = [(opt, _owned(opt, planner.by_cdata)) for opt in planner.optimizers]
     return SnapshotPlan(
-        tree, planner.storages, planner.tensors, planner.numpy_paths, planner.cloned, offset
+        tree, planner.storages, planner.tensors, planner.numpy_paths, planner.cloned, offset,
+        owners,
     )
+
+
+def _owned(optimizer: torch.optim.Optimizer, by_cdata: dict[int, int]) -> tuple[int, ...]:
+    """Indices of the planned storages that ``optimizer.step()`` may update in place."""
+    tensors: list[torch.Tensor] = [p for group in optimizer.param_groups for p in group["params"]]
+    for per_param in optimizer.state.values():
+        if isinstance(per_param, dict):
+            tensors += [v for v in per_param.values() if isinstance(v, torch.Tensor)]
+    found: dict[int, None] = {}
+    for t in tensors:
+        if t.layout != torch.strided or t.is_quantized:
+            continue  # the planner clones those: nothing to guard
+        index = by_cdata.get(t.untyped_storage()._cdata)
+        if index is not None:
+            found[index] = None
+    return tuple(found)
 
 
 class CudaCopier:
@@ -371,49 +409,84 @@ def _u8(storage: torch.UntypedStorage, device: torch.device) -> torch.Tensor:
     return torch.empty(0, dtype=torch.uint8, device=device).set_(storage)
 
 
+def _index_of(device: torch.device) -> int:
+    return device.index if device.index is not None else torch.cuda.current_device()
+
+
+def caller_streams() -> dict[int, torch.cuda.Stream]:
+    """The calling thread's current CUDA stream per device ({} when CUDA is not initialized).
+
+    CUDA's current stream is per thread: a snapshot planned in a worker thread must order its
+    copies after the work queued by the training thread, not after the worker's default stream.
+    """
+    if not torch.cuda.is_initialized():
+        return {}
+    return {i: torch.cuda.current_stream(i) for i in range(torch.cuda.device_count())}
+
+
+def _stream_of(device: torch.device, streams: dict[int, torch.cuda.Stream] | None
+               ) -> torch.cuda.Stream:
+    index = _index_of(device)
+    stream = (streams or {}).get(index)
+    return stream if stream is not None else torch.cuda.current_stream(index)
+
+
 def take_snapshot(
     plan: SnapshotPlan,
     arena: Arena,
     copier: CudaCopier | None = None,
+    *,
+    pipelined: bool = False,
+    streams: dict[int, torch.cuda.Stream] | None = None,
+    check: bool = False,
+    monitor: CopyMonitor | None = None,
 ) -> Snapshot:
-    """Copy everything ``plan`` describes into ``arena`` and return the snapshot.
+    """Copy what ``plan`` describes into ``arena`` and return the snapshot.
 
     Runs on the caller's thread (sync front door) or a worker thread (async front door); torch
-    releases the GIL while copying. CUDA storages are copied with ``non_blocking=True`` on a side
-    stream that first waits for the current stream, and this function returns only after those
-    copies completed (eager snapshot).
+    releases the GIL while copying.
+
+    Eager (default): everything is copied before this returns. CUDA storages are copied with
+    ``non_blocking=True`` on a side stream that first waits for the caller's stream, and this
+    function returns only after those copies completed.
+
+    Pipelined: storages that an optimizer in the state updates are left to ``snapshot.pending``
+    (not started yet: the writer starts it). On CUDA they are queued here on the side stream,
+    and the other CUDA storages on the caller's stream itself, so the host does not wait for
+    either; CPU ones are copied by the copy thread.
+
+    Args:
+        plan: from :func:`plan_snapshot`.
+        arena: a pooled buffer of at least ``plan.nbytes`` bytes.
+        copier: the side streams to use (one is created if needed).
+        pipelined: defer what the optimizers' guards protect.
+        streams: the training thread's current stream per device (:func:`caller_streams`);
+            default: this thread's.
+        check: record a checksum of every deferred source now, to compare with its copy
+            (``check_snapshot``).
+        monitor: guard statistics and test probe for the pending copy.
     """
     if arena.capacity < plan.nbytes:
         raise ValueError(f"arena of {arena.capacity} bytes cannot hold {plan.nbytes} bytes")
     base = arena.storage
-    cuda_events: list[torch.cuda.Event] = []
-    by_device: dict[torch.device, list[tuple[_StorageCopy, torch.UntypedStorage]]] = {}
     dsts: list[torch.UntypedStorage] = []
     for spec in plan.storages:
         end = spec.offset + spec.nbytes
-        dst = base[spec.offset : end] if spec.nbytes else torch.UntypedStorage(0)
-        dsts.append(dst)
-        by_device.setdefault(spec.device, []).append((spec, dst))
+        dsts.append(base[spec.offset : end] if spec.nbytes else torch.UntypedStorage(0))
+    group_of: dict[int, int] = {}
+    if pipelined:
+        for g, (_, owned) in enumerate(plan.owners):
+            for index in owned:
+                group_of.setdefault(index, g)
+    copier = copier or CudaCopier()
+    pending: PendingCopy | None = None
     with torch.no_grad():
-        for device, specs in by_device.items():
-            if device.type == "cuda":
-                if copier is None:
-                    copier = CudaCopier()
-                stream = copier.stream(device)
-                stream.wait_stream(torch.cuda.current_stream(device))
-                with torch.cuda.stream(stream):
-                    for spec, dst in specs:
-                        if spec.nbytes:
-                            _u8(dst, _CPU).copy_(_u8(spec.src, device), non_blocking=arena.pinned)
-                event = torch.cuda.Event()
-                event.record(stream)
-                cuda_events.append(event)
-            else:
-                for spec, dst in specs:
-                    if spec.nbytes:
-                        _u8(dst, _CPU).copy_(_u8(spec.src, device))
-        for event in cuda_events:
-            event.synchronize()
+        eager = [i for i in range(len(plan.storages)) if i not in group_of]
+        if pipelined:
+            pending = _defer(plan, dsts, eager, group_of, copier, streams, check, monitor,
+                             arena.pinned)
+        else:
+            _copy_now(plan, dsts, eager, copier, streams, arena.pinned)
         for tc in plan.tensors:
             tc.dst.set_(dsts[tc.storage], tc.storage_offset, tc.size, tc.stride)
     locations = {
@@ -425,7 +498,8 @@ def take_snapshot(
     ranges += [(s.data_ptr(), s.nbytes()) for s in plan.cloned if s.nbytes()]
     keepalive: list[object] = list(dsts)
     keepalive += plan.cloned
-    # Drop the references to the caller's storages: the snapshot must not keep them alive.
+    # Drop the references to the caller's storages: the snapshot must not keep them alive
+    # (a pending copy holds the ones it still reads until it stopped).
     for spec in plan.storages:
         spec.src = None  # type: ignore[assignment]
     return Snapshot(
@@ -436,4 +510,120 @@ def take_snapshot(
         ranges=ranges,
         arena=arena,
         _keepalive=keepalive,
+        pending=pending,
     )
+
+
+def _copy_now(
+    plan: SnapshotPlan,
+    dsts: list[torch.UntypedStorage],
+    indices: list[int],
+    copier: CudaCopier,
+    streams: dict[int, torch.cuda.Stream] | None,
+    pinned: bool,
+) -> None:
+    """The eager copy: CPU storages directly, CUDA ones on a side stream, then wait for them."""
+    cuda_events: list[torch.cuda.Event] = []
+    by_device: dict[torch.device, list[int]] = {}
+    for i in indices:
+        by_device.setdefault(plan.storages[i].device, []).append(i)
+    for device, specs in by_device.items():
+        if device.type == "cuda":
+            stream = copier.stream(device)
+            stream.wait_stream(_stream_of(device, streams))
+            with torch.cuda.stream(stream):
+                for i in specs:
+                    spec = plan.storages[i]
+                    if spec.nbytes:
+                        _u8(dsts[i], _CPU).copy_(_u8(spec.src, device), non_blocking=pinned)
+            event = torch.cuda.Event()
+            event.record(stream)
+            cuda_events.append(event)
+        else:
+            for i in specs:
+                spec = plan.storages[i]
+                if spec.nbytes:
+                    _u8(dsts[i], _CPU).copy_(_u8(spec.src, device))
+    for event in cuda_events:
+        event.synchronize()
+
+
+def _defer(
+    plan: SnapshotPlan,
+    dsts: list[torch.UntypedStorage],
+    eager: list[int],
+    group_of: dict[int, int],
+    copier: CudaCopier,
+    streams: dict[int, torch.cuda.Stream] | None,
+    check: bool,
+    monitor: CopyMonitor | None,
+    pinned: bool,
+) -> PendingCopy | None:
+    """The pipelined copy: eager CPU storages now, the rest queued or left to the copy thread.
+
+    CUDA storages no optimizer updates are queued on the caller's stream (anything that later
+    changes them in place on that stream runs after the copy, with no guard); those an optimizer
+    updates go on the side stream, with an event after each optimizer's group for its guard.
+    """
+    eager_cpu = [i for i in eager if plan.storages[i].device.type != "cuda"]
+    _copy_now(plan, dsts, eager_cpu, copier, streams, pinned)
+    # (group, storage index): group -1 is "no optimizer" (CUDA only, ordered by its stream)
+    order = sorted(
+        [(-1, i) for i in eager if plan.storages[i].device.type == "cuda"]
+        + [(g, i) for i, g in group_of.items()]
+    )
+    if not order:
+        return None
+    items: list[DeferredStorage] = []
+    for g, i in order:
+        spec = plan.storages[i]
+        src = _u8(spec.src, spec.device)
+        expected = None
+        if check:  # debug only: a full read now (for CUDA, a synchronous copy to the host)
+            if spec.device.type == "cuda":
+                with torch.cuda.stream(_stream_of(spec.device, streams)):
+                    expected = host_checksum(src.cpu())
+            else:
+                expected = host_checksum(src)
+        items.append(DeferredStorage(src, _u8(dsts[i], _CPU), format_path(spec.first_path),
+                                     g, expected))
+    # CUDA device index per item (None: a CPU storage, copied by the copy thread)
+    device_of = [
+        _index_of(plan.storages[i].device) if plan.storages[i].device.type == "cuda" else None
+        for _, i in order
+    ]
+    done: list[torch.cuda.Event] = []
+    # per device: group -> the event recorded after that group's last copy on the side stream
+    group_events: dict[int, dict[int, torch.cuda.Event]] = {}
+    for index in sorted({d for d in device_of if d is not None}):
+        device = torch.device("cuda", index)
+        caller = _stream_of(device, streams)
+        side = copier.stream(device)
+        side.wait_stream(caller)
+        events = group_events.setdefault(index, {})
+        mine = [item for item, d in zip(items, device_of, strict=True) if d == index]
+        for k, item in enumerate(mine):
+            with torch.cuda.stream(caller if item.group < 0 else side):
+                if item.nbytes and item.src is not None:
+                    item.dst.copy_(item.src, non_blocking=pinned)
+            if item.group >= 0 and (k + 1 == len(mine) or mine[k + 1].group != item.group):
+                event = torch.cuda.Event()
+                event.record(side)
+                events[item.group] = event
+        for stream in (caller, side):
+            event = torch.cuda.Event()
+            event.record(stream)
+            done.append(event)
+    position = {i: k for k, (_, i) in enumerate(order)}
+    groups: list[GuardGroup] = []
+    for optimizer, owned in plan.owners:
+        ks = [position[i] for i in owned]
+        cpu_items = tuple(k for k in ks if device_of[k] is None)
+        waits: dict[int, torch.cuda.Event] = {}
+        for index, events in group_events.items():
+            on_device = [items[k].group for k in ks if device_of[k] == index]
+            if on_device:
+                waits[index] = events[max(on_device)]
+        if cpu_items or waits:
+            groups.append(GuardGroup(optimizer, cpu_items, waits))
+    return PendingCopy(items, groups, done, monitor)

@@ -3,7 +3,9 @@
 The core runs on an event loop in one background thread for the checkpointer's whole life, and
 the training thread talks to it through one ``anyio.from_thread.BlockingPortal``. The snapshot
 copy runs on the training thread itself (the caller waits for it anyway), so a save costs two
-short portal calls around the copy: reserve a slot, then enqueue.
+short portal calls around the copy: reserve a slot, then enqueue. A pipelined snapshot copies
+only the unguarded part here; the guards of the rest are hooked on this thread too, and
+``wait_snapshot()`` blocks this thread without involving the event loop.
 """
 
 from __future__ import annotations
@@ -23,10 +25,11 @@ from typing import Any
 import anyio
 from anyio.from_thread import BlockingPortal
 
-from ._config import CheckpointerConfig
+from ._config import CheckpointerConfig, SnapshotMode
 from ._errors import WriterClosedError
 from ._events import CheckpointInfo, CheckpointStats, Event
 from ._pool import BufferPool
+from ._snapshot import caller_streams
 from ._writer import AsyncCheckpointer, SaveHandle, SaveStatus
 from .storage import Storage
 
@@ -228,10 +231,13 @@ class Checkpointer:
         name: str | None = None,
         keep: bool = False,
         supersedes: Iterable[str] = (),
+        snapshot: SnapshotMode | None = None,
     ) -> SyncSaveHandle:
         """Snapshot ``state`` on this thread and queue it; see :meth:`AsyncCheckpointer.save`."""
         t0 = time.perf_counter()
         self._check_open()
+        mode = self._core._snapshot_mode(snapshot)
+        self._core._unhook()
         request = self._portal.call(
             partial(self._core._reserve, keep=keep, supersedes=supersedes),
             step, epoch, metrics, name, t0,
@@ -239,12 +245,24 @@ class Checkpointer:
         if not request.reserved:
             return SyncSaveHandle(self._portal, request.handle)
         try:
-            snapshot = self._core._take_snapshot(state)
+            snap = self._core._take_snapshot(state, mode, caller_streams())
         except BaseException:
             self._portal.call(self._core._unreserve, request)
             raise
-        handle = self._portal.call(self._core._submit, request, snapshot)
+        handle = self._portal.call(self._core._submit, request, snap)
+        self._core._hook(snap)
         return SyncSaveHandle(self._portal, handle)
+
+    def wait_snapshot(self) -> None:
+        """Block until every pipelined snapshot is completely copied.
+
+        Call it before changing in place, other than through the optimizer's ``step()``, a
+        tensor that an optimizer in a pipelined ``save()``'s state updates (see
+        :meth:`AsyncCheckpointer.wait_snapshot`). It waits on this thread, not on the writer.
+        """
+        for pending in list(self._core._guarded):
+            pending.wait_all()
+        self._core._unhook()
 
     def flush(self) -> None:
         """Block until every queued save is resolved; raise any writer failure."""

@@ -3,11 +3,13 @@
 ::
 
     save()   validate ─ reserve a slot ─────────── snapshot into a pooled ─ enqueue ─ return handle
-                        block | skip | coalesce     arena (worker thread,
-                        (queue_size + 1 slots)      or the sync caller's)
+                        block | skip | coalesce     arena (worker thread,    │ pipelined: start the
+                        (queue_size + 1 slots)      or the sync caller's)    │ background copy and
+                                                                             │ hook its guards
                                                                               │ anyio memory stream
     writer   ┌────────────────────────────────────────────────────────────────┘
-    task     ├ serialize in a worker thread ──chunks──▶ storage.write (tmp, fsync, rename, fsync)
+    task     ├ pipelined: wait until the background copy completed (a worker thread waits)
+             ├ serialize in a worker thread ──chunks──▶ storage.write (tmp, fsync, rename, fsync)
              │ (─▶ encrypt, same thread, if encryption) (retried on TransientStorageError)
              ├ release slot + arena
              ├ commit [shielded]: publish the index (entry, latest, best, rotation), then
@@ -30,15 +32,16 @@ import os
 import random
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from types import TracebackType
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal, TypeVar, get_args
 
 import anyio
 from anyio.abc import TaskGroup
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
-from ._config import BestMetric, CheckpointerConfig
+from ._config import BestMetric, CheckpointerConfig, SnapshotMode
 from ._errors import (
     CheckpointError,
     StorageError,
@@ -62,10 +65,11 @@ from ._events import (
 )
 from ._index import IndexEntry, IndexState
 from ._naming import INDEX_NAME, LAST_CHECKPOINT_NAME, validate_name
+from ._pipelined import CopyMonitor, PendingCopy, ProbeEvent
 from ._pool import BufferPool
 from ._retention import Retention
 from ._serialize import Hasher, serialize
-from ._snapshot import CudaCopier, Snapshot, plan_snapshot, take_snapshot
+from ._snapshot import CudaCopier, Snapshot, caller_streams, plan_snapshot, take_snapshot
 from .storage import Storage, storage_for
 
 __all__ = ["AsyncCheckpointer", "SaveHandle", "SaveStatus"]
@@ -303,6 +307,13 @@ class AsyncCheckpointer:
         self._published = self._index
         self._pool = BufferPool(self.config.queue_size + 1)
         self._copier = CudaCopier()
+        self._copy_thread: ThreadPoolExecutor | None = None  # runs pipelined copies; in open()
+        # Pipelined copies whose guard hooks may still be installed. Only touched on the thread
+        # that calls save()/wait_snapshot()/flush()/close() -- never from the copy thread, which
+        # could otherwise remove a hook while torch iterates the hooks inside step().
+        self._guarded: list[PendingCopy] = []
+        #: test seam: called by pipelined copies, see ``_pipelined.ProbeEvent``
+        self._probe: Callable[[ProbeEvent, int], None] | None = None
         self._errors: list[tuple[str, BaseException]] = []
         self._lifecycle: Literal["new", "open", "closing", "closed"] = "new"
         self._names: dict[str, list[int]] = {}  # in-flight name -> [step, count]
@@ -419,6 +430,7 @@ class AsyncCheckpointer:
             self._idle.set()
             self._send, self._recv = anyio.create_memory_object_stream[_Job](size)
             self._evict = self._recv.clone()
+            self._copy_thread = ThreadPoolExecutor(1, thread_name_prefix="asyncckpt-copy")
             self._tg = anyio.create_task_group()
             await self._tg.__aenter__()
         except BaseException:
@@ -438,6 +450,7 @@ class AsyncCheckpointer:
         name: str | None = None,
         keep: bool = False,
         supersedes: Iterable[str] = (),
+        snapshot: SnapshotMode | None = None,
     ) -> SaveHandle:
         """Snapshot ``state`` and queue it; return once the snapshot is taken.
 
@@ -454,6 +467,10 @@ class AsyncCheckpointer:
                 from the index in the same update and their files deleted (nothing happens if this
                 save is skipped, coalesced or fails). A name the index does not list is deleted
                 too, e.g. a file another tool wrote into the folder.
+            snapshot: ``"eager"`` or ``"pipelined"`` for this save (default: the
+                ``snapshot`` option). Pipelined: the tensors an optimizer in ``state`` updates
+                are copied in the background, and that optimizer's next ``step()`` waits for
+                them; change them in place any other way only after :meth:`wait_snapshot`.
 
         Returns:
             A :class:`SaveHandle`; ``await handle.committed()`` waits for durability.
@@ -465,17 +482,36 @@ class AsyncCheckpointer:
                 names its path), or an argument has the wrong type.
             ValueError: an argument is invalid, or the name collides with another step's.
         """
+        t0 = time.perf_counter()
+        mode = self._snapshot_mode(snapshot)
+        self._unhook()
         request = await self._reserve(
-            step, epoch, metrics, name, time.perf_counter(), keep=keep, supersedes=supersedes
+            step, epoch, metrics, name, t0, keep=keep, supersedes=supersedes
         )
         if not request.reserved:
             return request.handle
+        streams = caller_streams()  # this thread's CUDA streams, not the worker's
         try:
-            snapshot = await anyio.to_thread.run_sync(self._take_snapshot, state)
+            snap = await anyio.to_thread.run_sync(self._take_snapshot, state, mode, streams)
         except BaseException:
             self._unreserve(request)
             raise
-        return self._submit(request, snapshot)
+        handle = self._submit(request, snap)
+        self._hook(snap)
+        return handle
+
+    async def wait_snapshot(self) -> None:
+        """Wait until every pipelined snapshot is completely copied.
+
+        Needed only before changing in place, other than through the optimizer's ``step()``,
+        a tensor that an optimizer in a pipelined ``save()``'s state updates (its parameters or
+        its state) -- e.g. a manual ``p.data.mul_()``, or loading weights into the model --
+        before that optimizer's next ``step()``. Errors of the copy are not raised here but like
+        writer errors (the save's handle, the next ``save()`` / ``flush()`` / ``close()``).
+        """
+        for pending in list(self._guarded):
+            await pending.wait_all_async()
+        self._unhook()
 
     async def flush(self) -> None:
         """Wait until every queued save is resolved, then raise any writer failure.
@@ -487,6 +523,7 @@ class AsyncCheckpointer:
         self._check_open()
         while self._unfinished:
             await self._idle.wait()
+        self._unhook()
         self._raise_pending()
 
     async def aclose(self) -> None:
@@ -542,7 +579,7 @@ class AsyncCheckpointer:
                     request.handle._resolve("skipped")
                     self._emit(Skipped(step_, name_, "queue_full"))
                     return request
-                if not self._evict_oldest():
+                if not await self._evict_oldest():
                     # Every slot is held by a snapshot still being taken (concurrent saves from
                     # several tasks), so nothing waits in the queue to replace: wait instead.
                     await self._slots.acquire()
@@ -566,15 +603,53 @@ class AsyncCheckpointer:
                 "(include {step}), or pass a distinct name="
             )
 
-    def _take_snapshot(self, state: object) -> Snapshot:
-        """Plan and copy ``state`` (blocking; caller thread or worker thread)."""
+    def _snapshot_mode(self, snapshot: object) -> SnapshotMode:
+        if snapshot is None:
+            return self.config.snapshot
+        if not isinstance(snapshot, str) or snapshot not in get_args(SnapshotMode):
+            choices = ", ".join(repr(m) for m in get_args(SnapshotMode))
+            raise ValueError(f"save(snapshot=...) must be one of {choices}, got {snapshot!r}")
+        return snapshot  # type: ignore[return-value]
+
+    def _take_snapshot(
+        self,
+        state: object,
+        mode: SnapshotMode = "eager",
+        streams: dict[int, Any] | None = None,
+    ) -> Snapshot:
+        """Plan and copy ``state`` (blocking; caller thread or worker thread).
+
+        A pipelined snapshot's background copy is not started yet: :meth:`_submit` starts it.
+        """
         plan = plan_snapshot(state, self._extra_types)
         arena = self._pool.acquire(plan.nbytes)
         try:
-            return take_snapshot(plan, arena, self._copier)
+            return take_snapshot(
+                plan, arena, self._copier,
+                pipelined=mode == "pipelined",
+                streams=streams,
+                check=self.config.check_snapshot,
+                monitor=CopyMonitor(self._stats.record_guard, self._probe),
+            )
         except BaseException:
             self._pool.release(arena)
             raise
+
+    def _hook(self, snapshot: Snapshot) -> None:
+        """Install the guards of a submitted pipelined snapshot (on the caller's thread)."""
+        if snapshot.pending is not None:
+            snapshot.pending.install()
+            self._guarded.append(snapshot.pending)
+
+    def _unhook(self, *, everything: bool = False) -> None:
+        """Remove the guard hooks of copies that stopped (on the caller's thread, or at close)."""
+        keep: list[PendingCopy] = []
+        for pending in self._guarded:
+            if everything or pending.stopped:
+                pending.remove()
+            else:
+                keep.append(pending)
+        self._guarded = keep
 
     def _unreserve(self, request: _Request) -> None:
         """Give back the slot of a save whose snapshot failed (on the loop)."""
@@ -589,6 +664,8 @@ class AsyncCheckpointer:
         if self._lifecycle != "open":
             self._release(job)
             raise WriterClosedError(f"the checkpointer for {self.uri} closed during save()")
+        if snapshot.pending is not None and self._copy_thread is not None:
+            snapshot.pending.start(self._copy_thread)
         if self._unfinished == 0:
             self._idle = anyio.Event()
         self._unfinished += 1
@@ -599,7 +676,7 @@ class AsyncCheckpointer:
         )
         return request.handle
 
-    def _evict_oldest(self) -> bool:
+    async def _evict_oldest(self) -> bool:
         """Coalesce: drop the oldest waiting snapshot to make room (on the loop)."""
         try:
             job = self._evict.receive_nowait()
@@ -607,16 +684,32 @@ class AsyncCheckpointer:
             return False
         job.request.handle._resolve("coalesced")
         self._emit(Skipped(job.request.step, job.request.name, "coalesced"))
+        await self._stop_copy(job)  # its arena is reused next: nothing may write it any more
         self._finish(job)
         self._slots.acquire_nowait()  # the slot the evicted job just gave back
         return True
+
+    @staticmethod
+    async def _stop_copy(job: _Job) -> None:
+        """Cancel a dropped job's background copy and wait until it no longer writes its arena."""
+        pending = job.snapshot.pending
+        if pending is not None and not pending.stopped:
+            pending.cancel()
+            with anyio.CancelScope(shield=True):
+                await anyio.to_thread.run_sync(pending.wait_stopped)
 
     def _release(self, job: _Job) -> None:
         """Return a job's arena and slot: its bytes are durable or it is dropped (on the loop)."""
         if not job.released:
             job.released = True
-            if job.snapshot.arena is not None:
-                self._pool.release(job.snapshot.arena)
+            arena, pending = job.snapshot.arena, job.snapshot.pending
+            if pending is not None and not pending.stopped:
+                pending.cancel()  # only when abandoning: the writer was cancelled mid-wait
+            if arena is not None:
+                if pending is None or pending.stopped:
+                    self._pool.release(arena)
+                else:  # still being written: never hand it out again; freed with the copy
+                    self._pool.discard(arena)
             job.snapshot = replace(job.snapshot, tree=None, arena=None, _keepalive=[])
             self._slots.release()
 
@@ -649,6 +742,8 @@ class AsyncCheckpointer:
         req = job.request
         replaced = self._index.get(req.name)
         try:
+            if job.snapshot.pending is not None:
+                await job.snapshot.pending.finished()  # raises what the copy failed with
             if replaced is not None:
                 # Unlist it first: no published index may name a file whose bytes are replaced.
                 await self._publish(self._index.without_entry(req.name, self._best))
@@ -873,8 +968,12 @@ class AsyncCheckpointer:
                         job = self._evict.receive_nowait()
                     except (anyio.WouldBlock, anyio.EndOfStream, anyio.ClosedResourceError):
                         break
+                    await self._stop_copy(job)
                     self._finish(job)
                 self._evict.close()
+                if self._copy_thread is not None:
+                    await anyio.to_thread.run_sync(self._copy_thread.shutdown)
+                self._unhook(everything=True)
                 try:
                     if not abandon:
                         await self._delete_pending()

@@ -25,3 +25,15 @@ def wrapped(ckpt_dir):
     yield storage
     if storage.gate is not None:
         storage.gate.set()  # never leave a writer thread waiting on a test's gate
+
+
+def pytest_collection_modifyitems(config, items):
+    """Skip tests marked ``cuda`` when no CUDA device is present."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device (torch.cuda.is_available() is False)")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)
