@@ -412,8 +412,8 @@ class AsyncCheckpointer:
         if self._lifecycle != "new":
             raise CheckpointError(f"{self!r} was already opened; create a new checkpointer")
         self._lifecycle = "open"
-        await self._storage.open(writer=True)
         try:
+            await self._storage.open(writer=True)
             index = await self._read_index()
             if index is None:  # a new folder: make it recognizable (and listable) at once
                 index = IndexState()
@@ -686,7 +686,10 @@ class AsyncCheckpointer:
         self._emit(Skipped(job.request.step, job.request.name, "coalesced"))
         await self._stop_copy(job)  # its arena is reused next: nothing may write it any more
         self._finish(job)
-        self._slots.acquire_nowait()  # the slot the evicted job just gave back
+        try:
+            self._slots.acquire_nowait()  # the slot the evicted job just gave back ...
+        except anyio.WouldBlock:  # ... unless a concurrently blocked save() was handed it first
+            await self._slots.acquire()
         return True
 
     @staticmethod

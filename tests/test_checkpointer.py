@@ -612,3 +612,47 @@ def test_interpreter_exit_drains_an_unclosed_checkpointer(ckpt_dir):
                             capture_output=True, text=True, timeout=120, check=False)
     assert result.returncode == 0, result.stderr
     assert [c.step for c in asyncckpt.checkpoints(ckpt_dir)] == [3]
+
+
+async def test_coalesce_with_a_concurrently_blocked_save(wrapped, ckpt_dir):
+    """A slot freed by coalescing may be handed to another save() already waiting for one."""
+    copying = threading.Event()
+
+    class SlowStateDict:  # keeps one save "mid-copy" until the test lets it go
+        def state_dict(self):
+            copying.wait(30)
+            return {"w": torch.zeros(4)}
+
+    wrapped.gate = threading.Event()
+    async with AsyncCheckpointer(wrapped, queue_size=1, when_full="coalesce") as ckpt:
+        await ckpt.save(small_state(1), step=1)  # the writer takes it and is held at the gate
+        await anyio.to_thread.run_sync(wrapped.entered.wait)
+        handles: dict[int, object] = {}
+
+        async def save(step, state):
+            handles[step] = await ckpt.save(state, step=step)
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(save, 2, {"s": SlowStateDict()})  # holds the second slot, mid-copy
+            await anyio.wait_all_tasks_blocked()
+            tg.start_soon(save, 3, small_state(3))  # nothing queued to evict: waits for a slot
+            await anyio.wait_all_tasks_blocked()
+            copying.set()  # step 2 is queued now ...
+            while 2 not in handles:
+                await anyio.wait_all_tasks_blocked()
+            # ... so step 4 evicts it; the freed slot goes to step 3, already waiting for one
+            tg.start_soon(save, 4, small_state(4))
+            await anyio.wait_all_tasks_blocked()
+            wrapped.gate.set()
+        await ckpt.flush()
+        committed = [c.step for c in ckpt.checkpoints()]
+    assert handles[2].status == "coalesced"
+    assert committed == [1, 3, 4]
+
+
+def test_a_storage_that_fails_to_open_leaves_nothing_open(tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    with pytest.raises(asyncckpt.StorageError, match="create the checkpoint folder"):
+        Checkpointer(blocker / "ckpt")
+    assert not [t for t in threading.enumerate() if t.name.startswith("asyncckpt-writer")]
