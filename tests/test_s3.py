@@ -334,6 +334,23 @@ def test_transient_faults_are_retried_and_every_checkpoint_commits(
     assert pending_uploads(s3_client, s3_prefix) == []
 
 
+def test_retries_are_bounded_by_attempts_times_writer_retries(
+    s3_uri: str, fault_proxy: FaultProxy
+) -> None:
+    opts = options(fault_proxy.endpoint, max_attempts=3)
+    with Checkpointer(s3_uri, storage_options=opts, max_retries=1, retry_backoff=0.01) as ckpt:
+        fault_proxy.fail_share({"503": 1.0}, operations={"PutObject"})
+        ckpt.save(small_state(1), step=1)
+        with pytest.raises(WriterError) as raised:
+            ckpt.flush()
+        # 3 attempts per request, 2 writes of the checkpoint; no hidden retries in s3fs or
+        # botocore.
+        assert fault_proxy.injected["503"] == 6
+        fault_proxy.reset_plan()
+    assert type(raised.value.__cause__) is TransientStorageError
+    assert "ServiceUnavailable" in str(raised.value.__cause__)
+
+
 def test_a_stalled_request_times_out_and_is_retried(
     s3_uri: str, fault_proxy: FaultProxy
 ) -> None:
@@ -414,14 +431,14 @@ def test_a_deleted_bucket_reaches_the_caller(s3_client: Any, moto_endpoint: str)
     bucket = "asyncckpt-doomed"
     s3_client.create_bucket(Bucket=bucket)
     uri = f"s3://{bucket}/run"
-    ckpt = Checkpointer(uri, storage_options=options(moto_endpoint))
-    ckpt.save(small_state(1), step=1).wait()
-    for obj in s3_client.list_objects_v2(Bucket=bucket).get("Contents", []):
-        s3_client.delete_object(Bucket=bucket, Key=obj["Key"])
-    s3_client.delete_bucket(Bucket=bucket)
-    ckpt.save(small_state(2), step=2)
     with pytest.raises(WriterError) as raised:
-        ckpt.close()
+        with Checkpointer(uri, storage_options=options(moto_endpoint)) as ckpt:
+            ckpt.save(small_state(1), step=1)
+            ckpt.flush()
+            for obj in s3_client.list_objects_v2(Bucket=bucket).get("Contents", []):
+                s3_client.delete_object(Bucket=bucket, Key=obj["Key"])
+            s3_client.delete_bucket(Bucket=bucket)
+            ckpt.save(small_state(2), step=2)
     assert type(raised.value.__cause__) is StorageError
     assert f"'{bucket}' does not exist" in str(raised.value.__cause__)
 

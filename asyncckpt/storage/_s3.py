@@ -275,8 +275,7 @@ class S3Storage(Storage):
         options = dict(self.storage_options)
         config = dict(options.pop("config_kwargs", None) or {})
         # One retry layer (ours, see the module docstring) instead of three multiplied ones.
-        config.setdefault("retries", {"mode": "standard", "max_attempts": 1})
-        options.setdefault("max_concurrency", self.max_concurrency)
+        config.setdefault("retries", {"mode": "standard", "total_max_attempts": 1})
         fs = s3fs.S3FileSystem(asynchronous=True, skip_instance_cache=True,
                                config_kwargs=config, **options)
         fs.retries = 1
