@@ -276,6 +276,24 @@ def test_configuration_from_the_environment(
     assert tensors_equal(asyncckpt.load(s3_uri), small_state(3))
 
 
+def test_checkpointer_on_a_generic_fsspec_url() -> None:
+    import fsspec
+
+    uri = "memory://asyncckpt-tests/run1"
+    try:
+        with Checkpointer(uri, keep_last=1) as ckpt:
+            ckpt.save(small_state(1), step=1)
+            ckpt.save(small_state(2), step=2)
+        files = sorted(p.rsplit("/", 1)[-1]
+                       for p in fsspec.filesystem("memory").ls("/asyncckpt-tests/run1", False))
+        assert files == [INDEX, "last_checkpoint", "step_2.pt"]
+        assert [c.uri for c in asyncckpt.checkpoints(uri)] == [f"{uri}/step_2.pt"]
+        assert tensors_equal(asyncckpt.load(uri), small_state(2))
+        assert tensors_equal(asyncckpt.load(f"{uri}/step_2.pt"), small_state(2))
+    finally:
+        fsspec.filesystem("memory").rm("/asyncckpt-tests", recursive=True)
+
+
 # -- loading -------------------------------------------------------------------------------------
 def test_load_verifies_the_checksum_of_an_s3_object(
     s3_uri: str, s3_prefix: str, s3_client: Any, s3_options: dict[str, Any]
@@ -455,6 +473,7 @@ def test_soak_mixed_transient_faults(s3_uri: str, fault_proxy: FaultProxy) -> No
             ckpt.save(state, step=step)
         ckpt.flush()
         assert ckpt.stats.committed == 24
+    assert sum(fault_proxy.injected.values()) > 0
     fault_proxy.reset_plan()
     assert tensors_equal(asyncckpt.load(s3_uri, 23, storage_options=opts), small_state(23))
     assert tensors_equal(asyncckpt.load(s3_uri, 24, storage_options=opts), big_state(24.0))

@@ -161,8 +161,9 @@ class FsspecStorage(Storage):
                 async for chunk in chunks:
                     data += memoryview(chunk).cast("B")
                 written = len(data)
-                await self._call("pipe_file", "write", uri, tmp, bytes(data))
-                del data
+                payload, data = bytes(data), bytearray()
+                await self._call("pipe_file", "write", uri, tmp, payload)
+                del payload
             else:
                 written = await self._stream_to(tmp, uri, chunks)
             await self._call("mv_file" if self.is_async else "mv", "publish", uri, tmp,
