@@ -327,8 +327,10 @@ def test_transient_faults_are_retried_and_every_checkpoint_commits(
     fault: str, s3_uri: str, s3_client: Any, s3_prefix: str, fault_proxy: FaultProxy
 ) -> None:
     # Four failures in a row outlast one request's 3 attempts, so the writer's own retry of
-    # the whole checkpoint is needed too; the multipart upload loses parts and its completion.
-    budget = {"PutObject": 4, "UploadPart": 2, "CompleteMultipartUpload": 1}
+    # the whole checkpoint is needed too; the multipart upload loses its start (a lost answer
+    # leaves an orphaned upload, which must be aborted), parts and its completion.
+    budget = {"PutObject": 4, "CreateMultipartUpload": 1, "UploadPart": 2,
+              "CompleteMultipartUpload": 1}
 
     def plan(request: Any) -> str | None:
         if budget.get(request.operation, 0) > 0:
@@ -344,7 +346,9 @@ def test_transient_faults_are_retried_and_every_checkpoint_commits(
         for handle in handles:
             handle.wait()
         assert [h.status for h in handles] == ["committed"] * 3
-    assert fault_proxy.injected[fault] == 7
+    assert fault_proxy.injected[fault] == 8
+    # Only a lost answer to CreateMultipartUpload leaves an upload behind, aborted at once.
+    assert fault_proxy.requests["AbortMultipartUpload"] == (1 if fault == "drop" else 0)
     assert [c.name for c in asyncckpt.checkpoints(s3_uri, storage_options=opts)] == [
         "step_2.pt", "step_3.pt"]
     assert tensors_equal(asyncckpt.load(s3_uri, 2, storage_options=opts), big_state(2.0))

@@ -92,6 +92,12 @@ def _client_error(exc: BaseException) -> tuple[str, int] | None:
     return None
 
 
+def _error_code(exc: BaseException) -> str | None:
+    """The S3 error code behind ``exc`` (``"NoSuchUpload"``, ...), if it came from S3."""
+    found = _client_error(exc)
+    return None if found is None else found[0]
+
+
 @functools.cache
 def _transient_types() -> tuple[type[BaseException], ...]:
     """Network-level failures: timeouts, resets, refused or dropped connections, garbled
@@ -499,8 +505,7 @@ class S3Storage(Storage):
         except StorageError as exc:
             # A retried completion whose first try succeeded (only the response was lost)
             # finds the upload gone: the object is ours if its ETag is the one our parts make.
-            found = _client_error(exc.__cause__) if exc.__cause__ is not None else None
-            if found is None or found[0] != "NoSuchUpload":
+            if _error_code(exc) != "NoSuchUpload":
                 raise
             try:
                 head = await self._call("head_object", "check", uri, Bucket=self.bucket, Key=key)
@@ -518,8 +523,7 @@ class S3Storage(Storage):
         except FileNotFoundError:
             pass
         except Exception as exc:  # the error that made us abort is the one to report
-            found = _client_error(exc.__cause__) if exc.__cause__ is not None else None
-            if found is None or found[0] != "NoSuchUpload":
+            if _error_code(exc) != "NoSuchUpload":
                 logger.warning("could not abort the multipart upload of %s (the next writer "
                                "cleans it up): %s", uri, exc)
 
@@ -549,8 +553,7 @@ class S3Storage(Storage):
             try:
                 yield await self._get(name, Range=f"bytes={start}-{end}", **pin)
             except StorageError as exc:
-                found = _client_error(exc.__cause__) if exc.__cause__ is not None else None
-                if found is not None and found[0] == "PreconditionFailed":
+                if _error_code(exc) == "PreconditionFailed":
                     raise StorageError(f"{uri} was replaced while it was being read", uri) \
                         from exc
                 raise
