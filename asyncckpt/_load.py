@@ -70,7 +70,12 @@ async def _read_index(storage: Storage) -> IndexState | None:
 async def _open_target(source: Any, storage_options: Mapping[str, Any] | None) -> _Target:
     storage = storage_for(source, storage_options=storage_options)
     await storage.open(writer=False)
-    index = await _read_index(storage)
+    try:
+        index = await _read_index(storage)
+    except BaseException:
+        with anyio.CancelScope(shield=True):
+            await storage.aclose()  # remote storages hold a client session
+        raise
     if index is not None or isinstance(source, Storage):
         return _Target(storage, index, None)
     await storage.aclose()
@@ -78,8 +83,13 @@ async def _open_target(source: Any, storage_options: Mapping[str, Any] | None) -
     parent, name = _split(_describe(source))
     folder = storage_for(parent, storage_options=storage_options)
     await folder.open(writer=False)
-    if name and await folder.exists(name):
-        return _Target(folder, await _read_index(folder), name)
+    try:
+        if name and await folder.exists(name):
+            return _Target(folder, await _read_index(folder), name)
+    except BaseException:
+        with anyio.CancelScope(shield=True):
+            await folder.aclose()
+        raise
     await folder.aclose()
     raise CheckpointNotFoundError(
         f"{_describe(source)} is neither a checkpoint folder (no {INDEX_NAME}) nor a file"

@@ -8,6 +8,15 @@ import pytest
 sys.path.insert(0, os.path.dirname(__file__))  # tests/helpers.py
 
 from helpers import WrappedStorage  # noqa: E402
+from s3fixtures import (  # noqa: E402, F401 - fixtures for the S3 and conformance tests
+    aws_env,
+    fault_proxy,
+    moto_endpoint,
+    s3_client,
+    s3_options,
+    s3_prefix,
+    s3_uri,
+)
 
 from asyncckpt.storage import LocalStorage  # noqa: E402
 

@@ -1,7 +1,10 @@
 """Storage backends: where checkpoint bytes go.
 
-``storage_for(location)`` picks the backend for a folder path or URI; pass a :class:`Storage`
-instance instead of a path to any front door to use a custom (or fault-injecting) backend.
+``storage_for(location)`` picks the backend for a folder path or URI: local folders and
+``file://`` go to :class:`LocalStorage`, ``s3://`` to :class:`S3Storage`, any other fsspec URL
+(``memory://``, ``gs://``, ...) to :class:`FsspecStorage`. Pass a :class:`Storage` instance
+instead of a path to any front door to use a custom (or fault-injecting) backend. The S3 and
+fsspec backends import their packages only when used (``pip install 'asyncckpt[s3]'``).
 """
 
 from __future__ import annotations
@@ -11,9 +14,11 @@ from collections.abc import Mapping
 from typing import Any
 
 from ._base import Buffer, Storage
+from ._fsspec import FsspecStorage
 from ._local import LocalStorage
+from ._s3 import S3Storage
 
-__all__ = ["Buffer", "LocalStorage", "Storage", "storage_for"]
+__all__ = ["Buffer", "FsspecStorage", "LocalStorage", "S3Storage", "Storage", "storage_for"]
 
 
 def _scheme(location: str) -> str | None:
@@ -29,14 +34,16 @@ def storage_for(
     """Return the backend for ``location``.
 
     Args:
-        location: a local folder (``"runs/exp1"``, ``file:///abs/path``) or an existing
-            :class:`Storage`, which is returned as is.
+        location: a local folder (``"runs/exp1"``, ``file:///abs/path``), an ``s3://bucket/prefix``
+            or other fsspec URL, or an existing :class:`Storage`, which is returned as is.
         storage_options: backend options: keyword arguments of the backend's constructor
-            (``LocalStorage(fsync=...)``).
+            (``LocalStorage(fsync=...)``; for S3 ``part_size=``, ``max_concurrency=``, ... and
+            those of ``s3fs.S3FileSystem``; for other URLs those of the fsspec filesystem).
 
     Raises:
         TypeError: ``location`` is not a path, URI or Storage.
         ValueError: the URI scheme is not supported.
+        ImportError: the URI needs an optional package (``pip install 'asyncckpt[s3]'``).
     """
     if isinstance(location, Storage):
         if storage_options:
@@ -56,4 +63,6 @@ def storage_for(
         return LocalStorage(text, **options)
     if scheme == "file":
         return LocalStorage(text[len("file://") :], **options)
-    raise ValueError(f"unsupported checkpoint location {text!r}: no backend for {scheme}://")
+    if scheme in ("s3", "s3a"):
+        return S3Storage(text, **options)
+    return FsspecStorage(text, **options)

@@ -102,7 +102,8 @@ class LocalStorage(Storage):
         written = 0
         try:
             try:
-                async with aiofiles.open(tmp, "wb", buffering=0) as f:
+                f = await aiofiles.open(tmp, "wb", buffering=0)
+                try:
                     async for chunk in chunks:
                         view = memoryview(chunk).cast("B")
                         while view.nbytes:
@@ -113,6 +114,10 @@ class LocalStorage(Storage):
                             view = view[n:]
                     if self.fsync:
                         await _fsync(f.fileno())
+                finally:
+                    # Shielded: a cancelled write must still close its file descriptor.
+                    with anyio.CancelScope(shield=True):
+                        await f.close()
                 await self._publish(tmp, final)
             except OSError as exc:
                 raise _storage_error(f"write {name} to", final, exc) from exc
