@@ -2,29 +2,46 @@
 
 from __future__ import annotations
 
-import random
+from typing import Any
 
 import pytest
-from crash_harness import check_folder, reopen_and_continue, run_and_kill
+from crash_harness import Target, crash_loop, local_target
+from s3fixtures import pending_uploads
+
+LOCAL_KILLS, LOCAL_KILLS_LONG = 20, 200
+S3_KILLS, S3_KILLS_LONG = 5, 40
 
 
-def crash_loop(folder: str, kills: int, seed: int) -> int:
-    rng = random.Random(seed)
-    commits = 0
-    for _ in range(kills):
-        commits += run_and_kill(folder, rng).commits_seen
-        check_folder(folder)
-        reopen_and_continue(folder)
-    return commits
+def s3_target(s3_uri: str, s3_prefix: str, s3_client: Any, moto_endpoint: str) -> Target:
+    # 6.25 MiB states in 5 MiB parts: every save is a multipart upload a kill can interrupt
+    return Target(
+        s3_uri,
+        {"endpoint_url": moto_endpoint, "part_size": 5 * 2**20},
+        lambda: pending_uploads(s3_client, s3_prefix),
+        rows=1600,
+    )
 
 
 def test_sigkill_at_random_moments(tmp_path):
     """20 kills in the default suite (the slow run does 200)."""
-    commits = crash_loop(str(tmp_path / "run"), kills=20, seed=20261121)
-    assert commits >= 20
+    target = local_target(str(tmp_path / "run"))
+    assert crash_loop(target, LOCAL_KILLS, seed=20261121) >= LOCAL_KILLS
 
 
 @pytest.mark.slow
 def test_sigkill_at_random_moments_long(tmp_path):
-    commits = crash_loop(str(tmp_path / "run"), kills=200, seed=7)
-    assert commits >= 200
+    target = local_target(str(tmp_path / "run"))
+    assert crash_loop(target, LOCAL_KILLS_LONG, seed=7) >= LOCAL_KILLS_LONG
+
+
+def test_sigkill_on_s3(s3_uri, s3_prefix, s3_client, moto_endpoint):
+    """The same on S3 (moto over HTTP): kills land mid multipart upload too."""
+    target = s3_target(s3_uri, s3_prefix, s3_client, moto_endpoint)
+    assert crash_loop(target, S3_KILLS, seed=11) >= S3_KILLS
+    assert not pending_uploads(s3_client, s3_prefix)
+
+
+@pytest.mark.slow
+def test_sigkill_on_s3_long(s3_uri, s3_prefix, s3_client, moto_endpoint):
+    target = s3_target(s3_uri, s3_prefix, s3_client, moto_endpoint)
+    assert crash_loop(target, S3_KILLS_LONG, seed=13) >= S3_KILLS_LONG
