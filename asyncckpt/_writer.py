@@ -64,7 +64,7 @@ from ._pool import BufferPool
 from ._retention import Retention
 from ._serialize import Hasher, serialize
 from ._snapshot import CudaCopier, Snapshot, plan_snapshot, take_snapshot
-from .storage import Storage, storage_for
+from .storage import BlockingWrite, Storage, storage_for
 
 __all__ = ["AsyncCheckpointer", "SaveHandle", "SaveStatus"]
 
@@ -682,6 +682,9 @@ class AsyncCheckpointer:
 
     async def _write_data(self, name: str, snapshot: Snapshot) -> tuple[int, str]:
         """One attempt: serialize in a worker thread, streaming chunks into storage.write."""
+        sink = self._storage.blocking_write(name)
+        if sink is not None:
+            return await self._write_blocking(name, snapshot, sink)
         send, recv = anyio.create_memory_object_stream[object](_CHANNEL_DEPTH)
         outcome: dict[str, Any] = {}
         torch_crc32 = self.config.torch_crc32
@@ -725,6 +728,35 @@ class AsyncCheckpointer:
         if "error" in outcome:
             raise outcome["error"]
         size, checksum = outcome["result"]
+        if written != size:
+            raise StorageError(
+                f"storage accepted {written} of {size} bytes for {name}", self._storage.uri_of(name)
+            )
+        return size, checksum
+
+    async def _write_blocking(
+        self, name: str, snapshot: Snapshot, sink: BlockingWrite
+    ) -> tuple[int, str]:
+        """One attempt through the backend's blocking path: the serializer's worker thread
+        writes the file itself, so no chunk crosses threads. Cancellation (abandon at close) is
+        noticed between chunks; the sink is then aborted and leaves nothing behind."""
+        torch_crc32 = self.config.torch_crc32
+
+        def emit(chunk: memoryview | bytearray) -> None:
+            anyio.from_thread.check_cancelled()
+            sink.write(chunk)
+
+        def run() -> tuple[int, str, int]:
+            try:
+                size, checksum = serialize(snapshot, emit, torch_crc32=torch_crc32,
+                                           borrowed=True)
+                anyio.from_thread.check_cancelled()
+                return size, checksum, sink.commit()
+            except BaseException:
+                sink.abort()
+                raise
+
+        size, checksum, written = await anyio.to_thread.run_sync(run)
         if written != size:
             raise StorageError(
                 f"storage accepted {written} of {size} bytes for {name}", self._storage.uri_of(name)

@@ -10,10 +10,10 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
-from ._base import Buffer, Storage
+from ._base import BlockingWrite, Buffer, Storage
 from ._local import LocalStorage
 
-__all__ = ["Buffer", "LocalStorage", "Storage", "storage_for"]
+__all__ = ["BlockingWrite", "Buffer", "LocalStorage", "Storage", "storage_for"]
 
 
 def _scheme(location: str) -> str | None:
