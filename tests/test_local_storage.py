@@ -301,3 +301,19 @@ def test_a_failing_sink_never_reaches_torch_and_the_error_is_raised():
     with pytest.raises(OSError, match="No space"):
         serialize(snapshot_of(state), failing, borrowed=True)
     assert calls["n"] == 3  # nothing was emitted after the failure
+
+
+async def test_small_files_are_published_atomically_in_one_call(tmp_path, monkeypatch):
+    storage = LocalStorage(tmp_path)
+    assert await storage.write_bytes("index.json", b'{"a": 1}') == 8
+    assert (tmp_path / "index.json").read_bytes() == b'{"a": 1}'
+
+    def broken_fsync(fd):
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(_local.os, "fsync", broken_fsync)
+    with pytest.raises(StorageError, match="Input/output error") as err:
+        await storage.write_bytes("index.json", b'{"a": 2}')
+    assert str(tmp_path / "index.json") in str(err.value)
+    assert (tmp_path / "index.json").read_bytes() == b'{"a": 1}'  # the old one stays
+    assert leftovers(tmp_path) == []
