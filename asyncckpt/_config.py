@@ -188,6 +188,10 @@ class CheckpointerConfig:
             asyncckpt checksums the whole file with xxh3-128 while streaming it, and
             ``torch.load`` reads files without the CRC.
         snapshot: how the state is copied; ``"eager"`` copies before ``save()`` returns.
+        writer_nice: how much lower than the training loop's the scheduling priority of the
+            thread that serializes and writes checkpoints is (``nice`` increment, 0-19; Linux
+            only). The default lets the writer use idle CPU without taking cores from torch's
+            compute threads; 0 keeps the normal priority.
     """
 
     filename: str = "step_{step}.pt"
@@ -203,6 +207,7 @@ class CheckpointerConfig:
     retry_backoff: float = 0.05
     torch_crc32: bool = False
     snapshot: SnapshotMode = "eager"
+    writer_nice: int = 10
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "best", normalize_best(self.best))
@@ -242,6 +247,10 @@ class CheckpointerConfig:
                 raise ValueError(f"{name} must be one of {choices}, got {value!r}")
         if isinstance(self.max_retries, bool) or not isinstance(self.max_retries, int):
             raise TypeError(f"max_retries must be an int, got {type(self.max_retries).__name__}")
+        if isinstance(self.writer_nice, bool) or not isinstance(self.writer_nice, int):
+            raise TypeError(f"writer_nice must be an int, got {type(self.writer_nice).__name__}")
+        if not 0 <= self.writer_nice <= 19:
+            raise ValueError(f"writer_nice must be between 0 and 19, got {self.writer_nice}")
         if self.max_retries < 0:
             raise ValueError(f"max_retries must be >= 0, got {self.max_retries}")
         if not isinstance(self.retry_backoff, (int, float)) or not (

@@ -26,6 +26,7 @@ import logging
 import operator
 import os
 import random
+import threading
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
@@ -59,6 +60,7 @@ from ._events import (
     Written,
 )
 from ._index import IndexEntry, IndexState
+from ._jobthread import JobThread
 from ._naming import INDEX_NAME, LAST_CHECKPOINT_NAME, validate_name
 from ._pool import BufferPool
 from ._retention import Retention
@@ -76,6 +78,10 @@ T = TypeVar("T")
 
 _CHANNEL_DEPTH = 8  # chunks in flight between the serializer thread and storage.write
 _END = object()  # the serializer finished; anything else ending the stream is an abort
+
+
+class _JobCancelled(Exception):
+    """The blocking job stopped because its task was cancelled (the cancellation is raised)."""
 
 
 class _ProducerStopped(Exception):
@@ -285,6 +291,7 @@ class AsyncCheckpointer:
         self._published = self._index
         self._pool = BufferPool(self.config.queue_size + 1)
         self._copier = CudaCopier()
+        self._jobs = JobThread(self.config.writer_nice)
         self._errors: list[tuple[str, BaseException]] = []
         self._lifecycle: Literal["new", "open", "closing", "closed"] = "new"
         self._names: dict[str, list[int]] = {}  # in-flight name -> [step, count]
@@ -737,26 +744,30 @@ class AsyncCheckpointer:
     async def _write_blocking(
         self, name: str, snapshot: Snapshot, sink: BlockingWrite
     ) -> tuple[int, str]:
-        """One attempt through the backend's blocking path: the serializer's worker thread
-        writes the file itself, so no chunk crosses threads. Cancellation (abandon at close) is
-        noticed between chunks; the sink is then aborted and leaves nothing behind."""
+        """One attempt through the backend's blocking path: the writer's low-priority job
+        thread serializes and writes the file itself, so no chunk crosses threads. Cancellation
+        (abandon at close) is noticed between chunks; the sink is then aborted and leaves
+        nothing behind."""
         torch_crc32 = self.config.torch_crc32
 
-        def emit(chunk: memoryview | bytearray) -> None:
-            anyio.from_thread.check_cancelled()
-            sink.write(chunk)
+        def run(cancelled: threading.Event) -> tuple[int, str, int]:
+            def emit(chunk: memoryview | bytearray) -> None:
+                if cancelled.is_set():
+                    raise _JobCancelled
+                sink.write(chunk)
 
-        def run() -> tuple[int, str, int]:
+            sink.cancelled = cancelled
             try:
                 size, checksum = serialize(snapshot, emit, torch_crc32=torch_crc32,
                                            borrowed=True)
-                anyio.from_thread.check_cancelled()
+                if cancelled.is_set():
+                    raise _JobCancelled
                 return size, checksum, sink.commit()
             except BaseException:
                 sink.abort()
                 raise
 
-        size, checksum, written = await anyio.to_thread.run_sync(run)
+        size, checksum, written = await self._jobs.run(run)
         if written != size:
             raise StorageError(
                 f"storage accepted {written} of {size} bytes for {name}", self._storage.uri_of(name)
@@ -868,6 +879,7 @@ class AsyncCheckpointer:
                     self._record_error("updating the index at close", exc)
                 finally:
                     self._pool.close()
+                    await self._jobs.aclose()
                     await self._storage.aclose()
                     self._lifecycle = "closed"
         self._raise_pending()

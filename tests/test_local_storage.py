@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import random
+import sys
 import threading
 
 import pytest
@@ -211,16 +212,17 @@ def test_transient_errors_on_the_blocking_path_are_retried(ckpt_dir, monkeypatch
 
 
 class _GatedWrite(BlockingWrite):
+    """Records the thread's priority; blocks its first write until the save is cancelled."""
+
     def __init__(self, inner: BlockingWrite, storage: GatedStorage) -> None:
         self.inner, self.storage = inner, storage
 
     def write(self, data):
-        from anyio.from_thread import check_cancelled
-
-        self.storage.entered.set()
-        # Wait for the test's gate, but notice cancellation as the real writer would.
-        while not self.storage.gate.wait(0.01):
-            check_cancelled()
+        self.storage.nice.add(os.getpriority(os.PRIO_PROCESS, threading.get_native_id()))
+        if self.storage.hold and not self.storage.entered.is_set():
+            self.storage.entered.set()
+            assert self.cancelled is not None  # the writer hands every sink its cancel flag
+            assert self.cancelled.wait(timeout=60)
         self.inner.write(data)
 
     def commit(self):
@@ -231,9 +233,10 @@ class _GatedWrite(BlockingWrite):
 
 
 class GatedStorage(LocalStorage):
-    def __init__(self, *args, **kwargs) -> None:
+    def __init__(self, *args, hold: bool = False, **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        self.gate, self.entered = threading.Event(), threading.Event()
+        self.hold, self.entered = hold, threading.Event()
+        self.nice: set[int] = set()
 
     def blocking_write(self, name):
         return _GatedWrite(super().blocking_write(name), self)
@@ -241,15 +244,34 @@ class GatedStorage(LocalStorage):
 
 @pytest.mark.parametrize("direct_io", [False, True])
 def test_abandon_cancels_a_blocking_write_and_leaves_nothing(ckpt_dir, direct_io):
-    storage = GatedStorage(ckpt_dir, direct_io=direct_io)
+    storage = GatedStorage(ckpt_dir, direct_io=direct_io, hold=True)
     with pytest.raises(RuntimeError, match="boom"):
         with asyncckpt.Checkpointer(storage, on_exception="abandon") as ckpt:
-            handle = ckpt.save({"t": torch.randn(1000)}, step=1)
+            handle = ckpt.save({"t": torch.randn(100_000)}, step=1)
             assert storage.entered.wait(timeout=60)
             raise RuntimeError("boom")
     assert handle.status == "cancelled"
     assert folder_files(ckpt_dir) == set()
     assert leftovers(ckpt_dir) == []
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="per-thread nice is Linux's")
+@pytest.mark.parametrize("writer_nice", [0, 10, 19])
+def test_checkpoints_are_written_by_a_lower_priority_thread(ckpt_dir, writer_nice):
+    base = os.getpriority(os.PRIO_PROCESS, 0)
+    storage = GatedStorage(ckpt_dir)
+    with asyncckpt.Checkpointer(storage, writer_nice=writer_nice) as ckpt:
+        ckpt.save({"t": torch.randn(1000)}, step=1).wait()
+        ckpt.save({"t": torch.randn(1000)}, step=2).wait()
+    assert storage.nice == {min(19, base + writer_nice)}
+    assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == base  # caller unchanged
+
+
+@pytest.mark.parametrize(("value", "exc"), [(-1, ValueError), (20, ValueError),
+                                            (True, TypeError), (2.5, TypeError)])
+def test_writer_nice_is_validated(ckpt_dir, value, exc):
+    with pytest.raises(exc, match="writer_nice"):
+        asyncckpt.Checkpointer(ckpt_dir, writer_nice=value)
 
 
 def test_serializer_borrowed_mode_is_byte_identical():

@@ -25,6 +25,7 @@ left in flight. Errors are raised as :class:`~asyncckpt.StorageError` (or
 from __future__ import annotations
 
 import builtins
+import threading
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterable, AsyncIterator
 from typing import Any
@@ -47,7 +48,14 @@ class BlockingWrite(ABC):
 
     Same guarantees as :meth:`Storage.write`: nothing is visible before ``commit()`` returns,
     and after ``abort()`` nothing temporary is left behind.
+
+    Attributes:
+        cancelled: set by the caller before the first ``write``; once it is set the write is
+            being abandoned (``abort()`` follows), so a backend that waits (for a network
+            round-trip, say) can stop waiting.
     """
+
+    cancelled: threading.Event | None = None
 
     @abstractmethod
     def write(self, data: Buffer) -> None:
