@@ -2,12 +2,14 @@
 
 The core runs on an event loop in one background thread for the checkpointer's whole life, and
 the training thread talks to it through one ``anyio.from_thread.BlockingPortal``. The snapshot
-copy runs on the training thread itself (the caller waits for it anyway), so a save costs two
-short portal calls around the copy: reserve a slot, then enqueue.
+copy runs on the training thread itself (the caller waits for it anyway), so a save costs one
+portal round trip before the copy (reserve a slot: the policy may block or skip) and one
+one-way message after it (enqueue), which the loop runs before any later portal call.
 """
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
 import os
 import threading
@@ -38,8 +40,10 @@ class _PortalThread:
 
     def __init__(self, name: str) -> None:
         ready: concurrent.futures.Future[BlockingPortal] = concurrent.futures.Future()
+        self.loop: asyncio.AbstractEventLoop | None = None
 
         async def main() -> None:
+            self.loop = asyncio.get_running_loop()
             async with BlockingPortal() as portal:
                 ready.set_result(portal)
                 await portal.sleep_until_stopped()
@@ -237,8 +241,14 @@ class Checkpointer:
         except BaseException:
             self._portal.call(self._core._unreserve, request)
             raise
-        handle = self._portal.call(self._core._submit, request, snapshot)
-        return SyncSaveHandle(self._portal, handle)
+        request.stall = time.perf_counter() - t0
+        # One-way: the loop runs callbacks in order, so this is queued before anything the
+        # caller asks through the portal next (wait, flush, close).
+        loop = self._thread.loop
+        if loop is None:  # pragma: no cover - set before the portal exists
+            raise RuntimeError("the writer's event loop is not running")
+        loop.call_soon_threadsafe(self._core._submit_or_cancel, request, snapshot)
+        return SyncSaveHandle(self._portal, request.handle)
 
     def flush(self) -> None:
         """Block until every queued save is resolved; raise any writer failure."""

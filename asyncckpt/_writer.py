@@ -159,6 +159,7 @@ class _Request:
     keep: bool = False
     supersedes: tuple[str, ...] = ()
     reserved: bool = False
+    stall: float | None = None  # set by a caller that measured it on its own thread
 
     @property
     def step(self) -> int:
@@ -577,11 +578,18 @@ class AsyncCheckpointer:
             self._idle = anyio.Event()
         self._unfinished += 1
         self._send.send_nowait(job)  # never full: the stream holds as many items as there are slots
-        self._emit(
-            SnapshotTaken(request.step, request.name, snapshot.nbytes,
-                          time.perf_counter() - request.t0)
-        )
+        stall = request.stall if request.stall is not None else time.perf_counter() - request.t0
+        self._emit(SnapshotTaken(request.step, request.name, snapshot.nbytes, stall))
         return request.handle
+
+    def _submit_or_cancel(self, request: _Request, snapshot: Snapshot) -> None:
+        """``_submit`` for a caller that does not wait for it (on the loop): a checkpointer
+        that closed meanwhile resolves the handle as cancelled instead of raising."""
+        try:
+            self._submit(request, snapshot)
+        except WriterClosedError:
+            self._drop_name(request.name)
+            request.handle._resolve("cancelled")
 
     def _evict_oldest(self) -> bool:
         """Coalesce: drop the oldest waiting snapshot to make room (on the loop)."""
