@@ -242,12 +242,13 @@ class _Planner:
                 f"{format_path(path)} is a tensor subclass ({kind.__module__}.{kind.__qualname__});"
                 " convert it to a plain tensor (e.g. .full_tensor() / .as_subclass(torch.Tensor))"
             )
+        device = t.device
         if (
             t.layout != torch.strided
             or t.is_quantized
             or t.is_conj()
             or t.is_neg()
-            or t.device.type == "meta"
+            or device.type == "meta"
             or t.is_nested
         ):
             return self._clone(t, path)
@@ -256,9 +257,10 @@ class _Planner:
         if index is None:
             index = len(self.storages)
             self._by_cdata[storage._cdata] = index
+            # location_tag() asks every registered backend; a CPU tensor's tag is "cpu".
+            location = "cpu" if device.type == "cpu" else location_tag(storage)
             self.storages.append(
-                _StorageCopy(storage, storage.nbytes(), t.device, location_tag(storage), t.dtype,
-                             path)
+                _StorageCopy(storage, storage.nbytes(), device, location, t.dtype, path)
             )
         else:
             spec = self.storages[index]
