@@ -184,3 +184,14 @@ def test_destination_reports_the_filesystem(tmp_path):
     dest = Destination(str(tmp_path / "d"))
     assert dest.kind not in ("", None)
     assert dest.local_root == str(tmp_path / "d") and os.path.isdir(dest.local_root)
+
+
+def test_secrets_in_storage_options_stay_out_of_the_results(tmp_path):
+    from asyncckpt._bench._runner import _redacted, _redacted_command
+
+    options = {"key": "AKIA123", "secret": "s3cr3t", "endpoint_url": "http://127.0.0.1:9"}
+    assert _redacted(options) == {"key": "***", "secret": "***",
+                                  "endpoint_url": "http://127.0.0.1:9"}
+    command = "asyncckpt bench --storage-option key=AKIA123 --storage-option secret=s3cr3t"
+    assert "AKIA123" not in _redacted_command(command, options)
+    assert "s3cr3t" not in _redacted_command(command, options)

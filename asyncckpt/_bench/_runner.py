@@ -104,6 +104,22 @@ def _measure_save(contender: Contender, tree: Any, step: int, probe: MemoryProbe
     }
 
 
+_SECRET_HINTS = ("key", "secret", "token", "password", "credential", "session")
+
+
+def _redacted(options: dict[str, Any]) -> dict[str, Any]:
+    """Storage options as they may be written to a results file: secrets masked."""
+    return {k: "***" if any(h in k.lower() for h in _SECRET_HINTS) else v
+            for k, v in options.items()}
+
+
+def _redacted_command(command: str, options: dict[str, Any]) -> str:
+    for key, value in options.items():
+        if any(h in key.lower() for h in _SECRET_HINTS) and str(value):
+            command = command.replace(str(value), "***")
+    return command
+
+
 def _error_text(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
 
@@ -126,10 +142,11 @@ def run_bench(options: BenchOptions, *, command: str = "asyncckpt bench",
         raise ValueError("--device cuda: no CUDA device is available")
     results: dict[str, Any] = {
         "schema": 1,
-        "command": command,
+        "command": _redacted_command(command, options.storage_options),
         "started": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
         "machine": _machine(dest, options.device),
-        "options": asdict(options),
+        "options": {**asdict(options),
+                    "storage_options": _redacted(options.storage_options)},
         "labels": {BASELINE: "no checkpointing", **{c.id: c.label for c in contenders}},
         "skipped": skipped,
         "save_latency": [],
