@@ -93,6 +93,7 @@ def test_bench_cli_tiny_run_writes_complete_results(tmp_path, capsys):
     assert sum(t["saved"] for t in training["timeline"]) == len(CORE) * 2
     for summary in training["summary"].values():
         assert math.isfinite(summary["overhead_pct"])
+        assert math.isfinite(summary["overhead_paired_median_pct"])
     assert {t["target"] for t in results["targets"]} >= {
         "eager stall ≤ 1.5× memory-copy floor", "eager stall ≤ 1/10 of torch.save + fsync",
     }

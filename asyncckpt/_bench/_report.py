@@ -38,6 +38,10 @@ def _g(x: float | None, unit: str = "") -> str:
     return f"{x:.2f}{unit}"
 
 
+def _pct(x: float | None) -> str:
+    return "–" if x is None or math.isnan(x) else f"{x:+.1f} %"
+
+
 def _div(a: float | None, b: float | None) -> float | None:
     if a is None or b is None or b == 0 or math.isnan(a) or math.isnan(b):
         return None
@@ -206,8 +210,10 @@ def markdown(results: dict[str, Any]) -> str:
                   f"Baseline step without checkpointing: {_s(training['baseline_step_s'])}.", ""]
         labels = results["labels"]
         lines += _table(
-            ["contender", "mean step", "overhead", "stall p50", "max wait at block end"],
-            ([labels.get(cid, cid), _s(s["mean_step_s"]), f"{s['overhead_pct']:+.1f} %",
+            ["contender", "mean step", "median step", "overhead", "overhead (paired median)",
+             "stall p50", "max wait at block end"],
+            ([labels.get(cid, cid), _s(s["mean_step_s"]), _s(s["median_step_s"]),
+              f"{s['overhead_pct']:+.1f} %", _pct(s.get("overhead_paired_median_pct")),
               _s(s["stall_p50_s"]) if cid != "none" else "", _s(s["drain_max_s"])
               if cid != "none" else ""] for cid, s in training["summary"].items()))
     rows_t = results.get("targets") or []

@@ -7,7 +7,9 @@ its block, so its background write overlaps the block's remaining steps. At the 
 the benchmark waits (untimed, recorded as ``drain_s``) until the save is durable, so one
 contender's writing never slows another's steps; a non-zero drain means the writer could not
 keep up with a save every ``save_every`` steps at this step time. The first round is a warm-up
-(buffer pools fill, pages fault in) and is left out of the means.
+(buffer pools fill, pages fault in) and is left out of the means. The overhead is the mean step
+time against the baseline's; a second figure, the median over rounds of each block against the
+baseline block of the same round, resists bursts of noise from other processes.
 """
 
 from __future__ import annotations
@@ -105,12 +107,19 @@ def run_training(
     summary: dict[str, Any] = {}
     base_blocks = blocks[BASELINE][1:] if rounds > 1 else blocks[BASELINE]
     base_mean = statistics.fmean(s for b in base_blocks for s in b["steps_s"])
+    base_by_round = {b["round"]: statistics.fmean(b["steps_s"]) for b in base_blocks}
     for name in names:
         counted = blocks[name][1:] if rounds > 1 else blocks[name]
         mean = statistics.fmean(s for b in counted for s in b["steps_s"])
+        # Noise on a shared machine comes in bursts longer than a block; comparing each block
+        # with the baseline block of the same round and taking the median resists them.
+        paired = [statistics.fmean(b["steps_s"]) / base_by_round[b["round"]] - 1
+                  for b in counted if b["round"] in base_by_round]
         summary[name] = {
             "mean_step_s": mean,
+            "median_step_s": statistics.median(s for b in counted for s in b["steps_s"]),
             "overhead_pct": (mean / base_mean - 1) * 100,
+            "overhead_paired_median_pct": statistics.median(paired) * 100 if paired else None,
             "stall_p50_s": statistics.median(b["stall_s"] for b in counted),
             "drain_max_s": max(b["drain_s"] for b in counted),
         }
