@@ -196,3 +196,15 @@ def test_secrets_in_storage_options_stay_out_of_the_results(tmp_path):
     command = "asyncckpt bench --storage-option key=AKIA123 --storage-option secret=s3cr3t"
     assert "AKIA123" not in _redacted_command(command, options)
     assert "s3cr3t" not in _redacted_command(command, options)
+
+
+def test_lightning_contender_when_installed(tmp_path):
+    pytest.importorskip("lightning")
+    options = BenchOptions(
+        sizes=(1 << 20,), layouts=("few-big",), saves=2, warmup=1,
+        contenders=("lightning",), training=False, out=str(tmp_path), progress=False,
+    )
+    results = run_bench(options, log=lambda _: None)
+    summary = results["save_latency"][0]["contenders"]["lightning"]
+    assert results["errors"] == [] and summary["ok"]
+    assert summary["bytes"] >= 1 << 20
