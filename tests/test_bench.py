@@ -208,3 +208,35 @@ def test_lightning_contender_when_installed(tmp_path):
     summary = results["save_latency"][0]["contenders"]["lightning"]
     assert results["errors"] == [] and summary["ok"]
     assert summary["bytes"] >= 1 << 20
+
+
+def test_memory_a_contender_keeps_is_counted_per_case(tmp_path, monkeypatch):
+    """A contender that keeps a buffer between saves is charged for it in every case, once."""
+    from asyncckpt._bench import _runner
+    from asyncckpt._bench._contenders import Contender, Pending
+
+    keep = 64 << 20
+
+    class Hoarder(Contender):
+        id, label = "hoarder", "keeps a buffer"
+
+        def open(self):
+            self.buffer = None
+
+        def _save(self, tree, name, step, objects):
+            if self.buffer is None:
+                self.buffer = bytearray(keep)  # zero-filled: resident
+            return Pending(lambda: 1)
+
+        def close(self):
+            super().close()
+            self.buffer = None
+
+    monkeypatch.setattr(_runner, "build_contenders",
+                        lambda dest, **_: ([Hoarder(dest)], {}))
+    options = BenchOptions(sizes=(1 << 20,), layouts=("few-big", "many-small"), saves=3,
+                           warmup=1, training=False, out=str(tmp_path), progress=False)
+    results = run_bench(options, log=lambda _: None)
+    for case in results["save_latency"]:
+        for record in case["saves"]["hoarder"]:
+            assert keep * 0.9 < record["peak_extra_rss_bytes"] < keep * 1.4, case["layout"]

@@ -156,8 +156,7 @@ def run_bench(options: BenchOptions, *, command: str = "asyncckpt bench",
     }
     for cid, reason in skipped.items():
         log(f"asyncckpt bench: not running {cid}: {reason}")
-    probe = MemoryProbe(cuda=options.device == "cuda")
-    results["machine"]["peak_rss_method"] = probe.method
+    results["machine"]["peak_rss_method"] = MemoryProbe().method
     cases = [(size, layout) for size in options.sizes for layout in options.layouts]
     copies = 1 if options.device == "cuda" else 2
     per_round = len(contenders) + copies + (1 if dest.remote else 2)
@@ -168,7 +167,7 @@ def run_bench(options: BenchOptions, *, command: str = "asyncckpt bench",
     try:
         for size, layout in cases:
             results["save_latency"].append(
-                _run_case(options, dest, contenders, probe, size, layout, bar, results)
+                _run_case(options, dest, contenders, size, layout, bar, results)
             )
         if options.training and contenders:
             results["training"] = _run_training(options, contenders, bar, results)
@@ -189,11 +188,13 @@ def run_bench(options: BenchOptions, *, command: str = "asyncckpt bench",
 
 
 def _run_case(options: BenchOptions, dest: Destination, contenders: list[Contender],
-              probe: MemoryProbe, size: int, layout: str, bar: Any,
+              size: int, layout: str, bar: Any,
               results: dict[str, Any]) -> dict[str, Any]:
     case_name = f"{format_size(size)} {layout}"
     bar.set_description(f"{case_name}: building the state")
     state = make_state(layout, size, device=options.device, seed=options.seed)
+    # Contenders are opened afresh for each case, so what they retain is counted afresh too.
+    probe = MemoryProbe(cuda=options.device == "cuda")
     refs = References(state.tree, state.nbytes, dest)
     saves: dict[str, list[dict[str, Any]]] = {c.id: [] for c in contenders}
     ref_runs: dict[str, list[dict[str, Any]]] = {r: [] for r in refs.ids()}
