@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
@@ -240,3 +241,28 @@ def test_memory_a_contender_keeps_is_counted_per_case(tmp_path, monkeypatch):
     for case in results["save_latency"]:
         for record in case["saves"]["hoarder"]:
             assert keep * 0.9 < record["peak_extra_rss_bytes"] < keep * 1.4, case["layout"]
+
+
+def test_a_failing_contender_is_reported_and_the_others_still_run(tmp_path, monkeypatch):
+    from asyncckpt._bench import _runner
+    from asyncckpt._bench._contenders import Contender, TorchSave
+
+    class Broken(Contender):
+        id, label = "broken", "always fails"
+
+        def _save(self, tree, name, step, objects):
+            raise OSError(errno.EIO, "simulated failure")
+
+    monkeypatch.setattr(_runner, "build_contenders",
+                        lambda dest, **_: ([Broken(dest), TorchSave(dest)], {}))
+    options = BenchOptions(sizes=(1 << 20,), layouts=("few-big",), saves=2, warmup=1,
+                           train_size=1 << 18, train_rounds=2, save_every=2, train_batch=4,
+                           out=str(tmp_path), progress=False)
+    results = run_bench(options, log=lambda _: None)
+    assert {(e["contender"], e["case"]) for e in results["errors"]} == {
+        ("broken", "1 MiB few-big"), ("broken", "training")}
+    assert all("simulated failure" in e["error"] for e in results["errors"])
+    case = results["save_latency"][0]["contenders"]
+    assert case["broken"]["ok"] is False and case["torch-save"]["ok"] is True
+    assert set(results["training"]["summary"]) == {"none", "torch-save"}
+    assert "failed: OSError" in (tmp_path / "results.md").read_text()

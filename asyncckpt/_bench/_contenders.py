@@ -329,6 +329,7 @@ class Asyncckpt(Contender):
     def cleanup(self) -> None:
         # keep_last=1 rotates the files; flush() also waits for the deletions.
         self._ckpt.flush()
+        self._names.clear()
 
     def close(self) -> None:
         if self._ckpt is not None:

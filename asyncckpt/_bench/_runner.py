@@ -284,11 +284,14 @@ def _run_training(options: BenchOptions, contenders: list[Contender], bar: Any,
         bar.update()
 
     try:
-        return run_training(
+        training = run_training(
             opened, nbytes=options.train_size, batch=options.train_batch,
             rounds=options.train_rounds, save_every=options.save_every,
             device=options.device, seed=options.seed, tick=tick,
         )
+        for cid, error in training["failed"].items():
+            results["errors"].append({"contender": cid, "case": "training", "error": error})
+        return training
     except Exception as exc:
         results["errors"].append({"contender": "?", "case": "training",
                                   "error": _error_text(exc)})

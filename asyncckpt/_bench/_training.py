@@ -74,36 +74,23 @@ def run_training(
         trainer.step()
     state_bytes, _ = state_nbytes(trainer.state())
     names = [BASELINE] + [c.id for c in contenders]
+    failed: dict[str, str] = {}
     timeline: list[dict[str, Any]] = []
     blocks: dict[str, list[dict[str, Any]]] = {name: [] for name in names}
     for round_ in range(rounds):
         # Rotate the order each round so no contender always follows the same one.
         shift = round_ % len(names)
         for name in names[shift:] + names[:shift]:
-            contender = next((c for c in contenders if c.id == name), None)
             tick(f"training {name}")
-            steps: list[float] = []
-            pending: Pending | None = None
-            stall = 0.0
-            for i in range(save_every):
-                t0 = time.perf_counter()
-                trainer.step()
-                if i == 0 and contender is not None:
-                    s0 = time.perf_counter()
-                    pending = contender.save(trainer.state(), trainer.step_count,
-                                             trainer.objects())
-                    stall = time.perf_counter() - s0
-                steps.append(time.perf_counter() - t0)
-                timeline.append({"index": len(timeline), "contender": name, "round": round_,
-                                 "step_s": steps[-1], "saved": i == 0 and pending is not None})
-            d0 = time.perf_counter()
-            if pending is not None:
-                pending.wait()
-            drain = time.perf_counter() - d0
-            blocks[name].append({"round": round_, "steps_s": steps, "stall_s": stall,
-                                 "drain_s": drain})
-            if contender is not None:
-                contender.cleanup()
+            if name in failed:
+                continue
+            contender = next((c for c in contenders if c.id == name), None)
+            try:
+                blocks[name].append(_block(trainer, contender, name, round_, save_every,
+                                           timeline))
+            except Exception as exc:  # one contender failing does not end the scenario
+                failed[name] = f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
+    names = [n for n in names if n not in failed]
     summary: dict[str, Any] = {}
     base_blocks = blocks[BASELINE][1:] if rounds > 1 else blocks[BASELINE]
     base_mean = statistics.fmean(s for b in base_blocks for s in b["steps_s"])
@@ -133,4 +120,30 @@ def run_training(
         "summary": summary,
         "blocks": blocks,
         "timeline": timeline,
+        "failed": failed,
     }
+
+
+def _block(trainer: _Trainer, contender: Contender | None, name: str, round_: int,
+           save_every: int, timeline: list[dict[str, Any]]) -> dict[str, Any]:
+    """``save_every`` steps, saving after the first; then wait (untimed) until durable."""
+    steps: list[float] = []
+    pending: Pending | None = None
+    stall = 0.0
+    for i in range(save_every):
+        t0 = time.perf_counter()
+        trainer.step()
+        if i == 0 and contender is not None:
+            s0 = time.perf_counter()
+            pending = contender.save(trainer.state(), trainer.step_count, trainer.objects())
+            stall = time.perf_counter() - s0
+        steps.append(time.perf_counter() - t0)
+        timeline.append({"index": len(timeline), "contender": name, "round": round_,
+                         "step_s": steps[-1], "saved": i == 0 and pending is not None})
+    d0 = time.perf_counter()
+    if pending is not None:
+        pending.wait()
+    drain = time.perf_counter() - d0
+    if contender is not None:
+        contender.cleanup()
+    return {"round": round_, "steps_s": steps, "stall_s": stall, "drain_s": drain}
