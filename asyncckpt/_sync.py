@@ -3,8 +3,9 @@
 The core runs on an event loop in one background thread for the checkpointer's whole life, and
 the training thread talks to it through one ``anyio.from_thread.BlockingPortal``. The snapshot
 copy runs on the training thread itself (the caller waits for it anyway), so a save costs one
-portal round trip before the copy (reserve a slot: the policy may block or skip) and one
-one-way message after it (enqueue), which the loop runs before any later portal call.
+round trip to the loop before the copy (reserve a slot: the policy may skip, and only when the
+queue is full and the policy blocks does a second call wait for a slot) and one one-way message
+after it (enqueue), which the loop runs before any later call from the caller.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from collections.abc import Callable, Iterable, Mapping
 from contextlib import AbstractContextManager
 from functools import partial
 from types import TracebackType
-from typing import Any
+from typing import Any, TypeVar
 
 import anyio
 from anyio.from_thread import BlockingPortal
@@ -33,6 +34,8 @@ from ._writer import AsyncCheckpointer, SaveHandle, SaveStatus
 from .storage import Storage
 
 __all__ = ["Checkpointer", "SyncSaveHandle"]
+
+T = TypeVar("T")
 
 
 class _PortalThread:
@@ -230,10 +233,12 @@ class Checkpointer:
         """Snapshot ``state`` on this thread and queue it; see :meth:`AsyncCheckpointer.save`."""
         t0 = time.perf_counter()
         self._check_open()
-        request = self._portal.call(
-            partial(self._core._reserve, keep=keep, supersedes=supersedes),
+        request = self._on_loop(
+            partial(self._core._reserve_nowait, keep=keep, supersedes=supersedes),
             step, epoch, metrics, name, t0,
         )
+        if not request.reserved and not request.handle.done():
+            request = self._portal.call(self._core._wait_for_slot, request)  # queue full: block
         if not request.reserved:
             return SyncSaveHandle(self._portal, request.handle)
         try:
@@ -249,6 +254,24 @@ class Checkpointer:
             raise RuntimeError("the writer's event loop is not running")
         loop.call_soon_threadsafe(self._core._submit_or_cancel, request, snapshot)
         return SyncSaveHandle(self._portal, request.handle)
+
+    def _on_loop(self, func: Callable[..., T], *args: object) -> T:
+        """Run a plain function on the writer's loop and return its result: one wake-up of the
+        loop and one of the caller, where a portal call (which spawns a task) takes two of
+        each."""
+        loop = self._thread.loop
+        if loop is None:  # pragma: no cover - set before the portal exists
+            raise RuntimeError("the writer's event loop is not running")
+        future: concurrent.futures.Future[T] = concurrent.futures.Future()
+
+        def run() -> None:
+            try:
+                future.set_result(func(*args))
+            except BaseException as exc:
+                future.set_exception(exc)
+
+        loop.call_soon_threadsafe(run)
+        return future.result()
 
     def flush(self) -> None:
         """Block until every queued save is resolved; raise any writer failure."""

@@ -497,6 +497,31 @@ class AsyncCheckpointer:
         supersedes: object = (),
     ) -> _Request:
         """Validate a save and take a queue slot according to ``when_full`` (on the loop)."""
+        request = self._reserve_nowait(step, epoch, metrics, name, t0, keep=keep,
+                                       supersedes=supersedes)
+        if request.reserved or request.handle.done():
+            return request
+        return await self._wait_for_slot(request)
+
+    async def _wait_for_slot(self, request: _Request) -> _Request:
+        """The slow half of ``_reserve``: every slot is taken and the policy says wait."""
+        await self._slots.acquire()
+        return self._reserved(request)
+
+    def _reserve_nowait(
+        self,
+        step: object,
+        epoch: object,
+        metrics: object,
+        name: object,
+        t0: float,
+        *,
+        keep: object = False,
+        supersedes: object = (),
+    ) -> _Request:
+        """The fast half of ``_reserve`` (on the loop, never waits): validate, then take a free
+        slot, skip, or coalesce. The request comes back unreserved and unresolved when the
+        caller must wait for a slot (``_wait_for_slot``)."""
         self._check_open()
         self._raise_pending()
         step_ = _as_count(step, "step")
@@ -517,24 +542,25 @@ class AsyncCheckpointer:
         request = _Request(SaveHandle(step_, name_, epoch_), metrics_, self._clock(), t0,
                            keep, superseded)
         policy = self.config.when_full
-        if policy == "block":
-            await self._slots.acquire()
-        else:
-            try:
-                self._slots.acquire_nowait()
-            except anyio.WouldBlock:
-                if policy == "skip":
-                    request.handle._resolve("skipped")
-                    self._emit(Skipped(step_, name_, "queue_full"))
-                    return request
-                if not self._evict_oldest():
-                    # Every slot is held by a snapshot still being taken (concurrent saves from
-                    # several tasks), so nothing waits in the queue to replace: wait instead.
-                    await self._slots.acquire()
+        try:
+            self._slots.acquire_nowait()
+        except anyio.WouldBlock:
+            if policy == "skip":
+                request.handle._resolve("skipped")
+                self._emit(Skipped(step_, name_, "queue_full"))
+                return request
+            if policy == "block" or not self._evict_oldest():
+                # block; or coalesce while every slot is held by a snapshot still being taken
+                # (concurrent saves from several tasks), so nothing waits to be replaced.
+                return request
+        return self._reserved(request)
+
+    def _reserved(self, request: _Request) -> _Request:
+        """Record that ``request`` holds a slot (on the loop)."""
         if self._lifecycle != "open":
             self._slots.release()
             raise WriterClosedError(f"the checkpointer for {self.uri} closed during save()")
-        entry = self._names.setdefault(name_, [step_, 0])
+        entry = self._names.setdefault(request.name, [request.step, 0])
         entry[1] += 1
         request.reserved = True
         return request
