@@ -243,7 +243,9 @@ def plot(results: dict[str, Any], out: str) -> list[str]:
     if cases:
         cols = min(2, len(cases))
         rows = -(-len(cases) // cols)
-        fig, axes = plt.subplots(rows, cols, figsize=(7 * cols, 4.2 * rows), squeeze=False)
+        # At least 11 inches wide: the legend (up to 4 columns of labels) must fit below.
+        fig, axes = plt.subplots(rows, cols, figsize=(max(11, 7 * cols), 4.2 * rows),
+                                 squeeze=False)
         for ax, case in zip(axes.flat, cases, strict=False):
             for cid, s in case["contenders"].items():
                 saves = [r for r in case["saves"].get(cid, []) if r.get("error") is None]
@@ -266,7 +268,7 @@ def plot(results: dict[str, Any], out: str) -> list[str]:
         handles, labels = axes.flat[0].get_legend_handles_labels()
         fig.legend(handles, labels, loc="lower center", ncol=min(4, len(labels)), fontsize=8)
         fig.suptitle("save() stall per save, by contender and state size")
-        fig.tight_layout(rect=(0, 0.08 + 0.02 * (len(labels) // 4), 1, 0.96))
+        fig.tight_layout(rect=(0, (0.08 + 0.02 * (len(labels) // 4)) / rows, 1, 0.96))
         path = os.path.join(out, "stall.png")
         fig.savefig(path, dpi=110)
         plt.close(fig)
