@@ -6,7 +6,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from . import _demo
+from . import _bench, _demo
 
 
 def _ls(args: argparse.Namespace) -> int:
@@ -75,7 +75,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     ver.add_argument("--storage-option", action="append", default=[], metavar="KEY=VALUE",
                      help="backend option (repeatable)")
     ver.set_defaults(func=_verify)
+    bench = sub.add_parser(
+        "bench", help="measure save latency/throughput against torch.save, DCP and others",
+        description="Measure asyncckpt's save stall, time to durable, memory and CPU next to "
+                    "torch.save, DCP async_save, Lightning and the machine's copy/write limits.",
+    )
+    _bench.add_arguments(bench)
+    bench.set_defaults(func=_bench.run)
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
+    args.argv = argv[1:]
     return int(args.func(args))
 
 

@@ -289,6 +289,10 @@ class CheckpointerConfig:
             ``torch.save`` would (what mmengine writes), instead of the device it was copied
             from; ``torch.load`` without ``map_location`` then works on machines without that
             device.
+        writer_nice: how much lower than the training loop's the scheduling priority of the
+            thread that serializes and writes checkpoints is (``nice`` increment, 0-19; Linux
+            only). The default lets the writer use idle CPU without taking cores from torch's
+            compute threads; 0 keeps the normal priority.
     """
 
     filename: str = "step_{step}.pt"
@@ -309,6 +313,7 @@ class CheckpointerConfig:
     series: str | None = None
     extra_types: ExtraTypes = field(default=())
     cpu_locations: bool = False
+    writer_nice: int = 10
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "best", normalize_best(self.best))
@@ -349,6 +354,10 @@ class CheckpointerConfig:
                 raise ValueError(f"{name} must be one of {choices}, got {value!r}")
         if isinstance(self.max_retries, bool) or not isinstance(self.max_retries, int):
             raise TypeError(f"max_retries must be an int, got {type(self.max_retries).__name__}")
+        if isinstance(self.writer_nice, bool) or not isinstance(self.writer_nice, int):
+            raise TypeError(f"writer_nice must be an int, got {type(self.writer_nice).__name__}")
+        if not 0 <= self.writer_nice <= 19:
+            raise ValueError(f"writer_nice must be between 0 and 19, got {self.writer_nice}")
         if self.max_retries < 0:
             raise ValueError(f"max_retries must be >= 0, got {self.max_retries}")
         if not isinstance(self.retry_backoff, (int, float)) or not (

@@ -14,7 +14,8 @@ The file is what ``torch.save(snapshot.tree, f)`` writes (zip archive: ``data.pk
 * **Zero copy.** The writer hands every record to ``sink.write`` as a memoryview. Tensor payloads
   point straight into the snapshot's arena; those are passed to storage as they are. Everything
   else (zip headers from short-lived C++ buffers, the pickle, the central directory) is copied
-  into ~1 MiB chunks before ``write`` returns.
+  into ~1 MiB chunks before ``write`` returns -- unless the consumer is blocking
+  (``borrowed=True``): it uses each view before ``emit`` returns, so nothing is copied here.
 
 ``serialize`` is blocking and runs in a worker thread; ``emit`` receives the chunks in order.
 """
@@ -22,7 +23,6 @@ The file is what ``torch.save(snapshot.tree, f)`` writes (zip archive: ``data.pk
 from __future__ import annotations
 
 import copyreg
-import ctypes
 import io
 import pickle
 import sys
@@ -34,6 +34,7 @@ import torch
 import xxhash
 from torch.serialization import location_tag, normalize_storage_type
 
+from ._buffers import address_of
 from ._snapshot import Snapshot
 
 __all__ = ["CHECKSUM_ALGO", "Hasher", "checksum_of", "serialize"]
@@ -42,41 +43,6 @@ CHECKSUM_ALGO = "xxh3_128"
 _ZERO_COPY_MIN = 64 * 1024
 _CHUNK = 1 << 20
 _PICKLE_PROTOCOL = 2  # torch.serialization.DEFAULT_PROTOCOL
-
-
-class _PyBuffer(ctypes.Structure):
-    _fields_ = [
-        ("buf", ctypes.c_void_p),
-        ("obj", ctypes.py_object),
-        ("len", ctypes.c_ssize_t),
-        ("itemsize", ctypes.c_ssize_t),
-        ("readonly", ctypes.c_int),
-        ("ndim", ctypes.c_int),
-        ("format", ctypes.c_char_p),
-        ("shape", ctypes.c_void_p),
-        ("strides", ctypes.c_void_p),
-        ("suboffsets", ctypes.c_void_p),
-        ("internal", ctypes.c_void_p),
-    ]
-
-
-_get_buffer = ctypes.pythonapi.PyObject_GetBuffer
-_get_buffer.argtypes = [ctypes.py_object, ctypes.POINTER(_PyBuffer), ctypes.c_int]
-_get_buffer.restype = ctypes.c_int
-_release_buffer = ctypes.pythonapi.PyBuffer_Release
-_release_buffer.argtypes = [ctypes.POINTER(_PyBuffer)]
-_release_buffer.restype = None
-
-
-def _address(view: memoryview) -> int:
-    """The address of a (possibly read-only) buffer, via the buffer protocol."""
-    buf = _PyBuffer()
-    if _get_buffer(view, ctypes.byref(buf), 0) != 0:  # PyBUF_SIMPLE
-        raise BufferError("cannot get the buffer's address")
-    try:
-        return int(buf.buf or 0)
-    finally:
-        _release_buffer(ctypes.byref(buf))
 
 
 class Hasher:
@@ -99,39 +65,53 @@ def checksum_of(data: bytes | memoryview) -> str:
     return h.hexdigest()
 
 
+def _discard(chunk: object) -> None:
+    pass
+
+
 class _Sink:
     """The file object PyTorchFileWriter writes to."""
 
     def __init__(self, emit: Callable[[memoryview | bytearray], None],
-                 ranges: list[tuple[int, int]]) -> None:
+                 ranges: list[tuple[int, int]], borrowed: bool = False) -> None:
         self._emit = emit
+        self._borrowed = borrowed
         self._starts = [start for start, _ in sorted(ranges)]
         self._ends = [start + n for start, n in sorted(ranges)]
         self._buf = bytearray()
-        self._discarding = False
         self.hasher = Hasher()
         self.size = 0
-
-    def discard(self) -> None:
-        """Accept and drop everything from now on (the stream is being abandoned)."""
-        self._discarding = True
-        self._buf = bytearray()
+        self.failure: BaseException | None = None
 
     def _owned(self, view: memoryview) -> bool:
-        addr = _address(view)
+        addr = address_of(view)
         i = bisect_right(self._starts, addr) - 1
         return i >= 0 and addr + view.nbytes <= self._ends[i]
+
+    def _send(self, chunk: memoryview | bytearray) -> None:
+        try:
+            self._emit(chunk)
+        except BaseException as exc:
+            # Never let an exception into torch's zip writer: once a record fails it is in an
+            # error state, and its destructor (which finishes the archive) then aborts the
+            # process. The writer runs to its end into the void; serialize() raises this.
+            self.failure = exc
+            self.detach()
 
     def write(self, data: Any) -> int:
         view = memoryview(data)
         n = view.nbytes
-        if n == 0 or self._discarding:
+        if n == 0:
+            return 0
+        self.size += n
+        if self.failure is not None:
             return n
         self.hasher.update(view)
-        self.size += n
-        if n >= _ZERO_COPY_MIN and self._owned(view):
+        if self._borrowed:
+            self._send(view)
+        elif n >= _ZERO_COPY_MIN and self._owned(view):
             self._drain()
-            self._emit(view)
+            self._send(view)
         else:
             self._buf += view
             if len(self._buf) >= _CHUNK:
@@ -141,10 +121,16 @@ class _Sink:
     def flush(self) -> None:  # part of the file protocol; chunks leave via finish()
         pass
 
+    def detach(self) -> None:
+        """Discard everything written from now on (the stream failed)."""
+        self._emit = _discard
+        self._borrowed = True
+        self._buf = bytearray()
+
     def _drain(self) -> None:
         if self._buf:
             chunk, self._buf = self._buf, bytearray()
-            self._emit(chunk)
+            self._send(chunk)
 
     def finish(self) -> None:
         self._drain()
@@ -170,11 +156,14 @@ def serialize(
     torch_crc32: bool = False,
     reducers: Mapping[type, Callable[[Any], tuple[Any, ...]]] | None = None,
     cpu_locations: bool = False,
+    borrowed: bool = False,
 ) -> tuple[int, str]:
     """Write ``snapshot`` in torch.save format to ``emit``; return ``(size, checksum)``.
 
     Blocking; run it in a worker thread. Chunks handed to ``emit`` may reference the snapshot's
-    memory, so the snapshot must stay alive until they are consumed.
+    memory, so the snapshot must stay alive until they are consumed. With ``borrowed=True``
+    every write of torch's zip writer is passed on as it comes, and ``emit`` must be done with
+    it when it returns (the views may point into buffers that are reused right after).
 
     Args:
         snapshot: what to write.
@@ -183,6 +172,7 @@ def serialize(
         reducers: copyreg-style reduce functions for extra types, used instead of the classes'
             own pickling (for this file only; ``copyreg``'s global table is not touched).
         cpu_locations: record every storage as ``cpu`` rather than the device it came from.
+        borrowed: pass writes on uncopied; ``emit`` must consume each before it returns.
     """
     serialized: dict[str, torch.UntypedStorage] = {}
     id_map: dict[int, str] = {}
@@ -220,7 +210,7 @@ def serialize(
     pickler.dump(snapshot.tree)
     data = data_buf.getvalue()
 
-    sink = _Sink(emit, snapshot.ranges)
+    sink = _Sink(emit, snapshot.ranges, borrowed)
     writer, alignment = _open_writer(sink, torch_crc32)
     try:
         writer.write_record("data.pkl", data, len(data))
@@ -230,21 +220,25 @@ def serialize(
             writer.write_record(".storage_alignment", text, len(text))
         writer.write_record("byteorder", sys.byteorder, len(sys.byteorder))
         for key, storage in serialized.items():
+            if sink.failure is not None:
+                break  # what is left would be discarded anyway
             if storage.device.type != "cpu":  # only storages the snapshot could not pool
                 storage = storage.cpu()
             writer.write_record(f"data/{key}", storage, storage.nbytes())
         writer.write_end_of_file()
     except BaseException:
-        # The stream broke (storage failed, cancelled). An unfinished PyTorchFileWriter
-        # finishes the archive in its C++ destructor, which then throws on the broken stream
-        # and calls std::terminate: the process aborts at the next garbage collection. A
-        # failed write_end_of_file() still marks the writer finalized (pytorch#87997), so end
-        # it here, with the sink discarding, and let its destructor do nothing.
-        sink.discard()
+        # Anything else that broke mid-archive (the sink itself never lets exceptions into
+        # torch's writer): an unfinished PyTorchFileWriter finishes the archive in its C++
+        # destructor, which throws on the broken stream and calls std::terminate -- the process
+        # aborts at the next garbage collection. A failed write_end_of_file() still marks the
+        # writer finalized (pytorch#87997), so end it here, into the void, and re-raise.
+        sink.detach()
         try:
             writer.write_end_of_file()
         except Exception:  # noqa: S110 - expected: the archive is broken, and is dropped
             pass
         raise
     sink.finish()
+    if sink.failure is not None:
+        raise sink.failure
     return sink.size, sink.hasher.hexdigest()

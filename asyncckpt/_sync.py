@@ -2,14 +2,17 @@
 
 The core runs on an event loop in one background thread for the checkpointer's whole life, and
 the training thread talks to it through one ``anyio.from_thread.BlockingPortal``. The snapshot
-copy runs on the training thread itself (the caller waits for it anyway), so a save costs two
-short portal calls around the copy: reserve a slot, then enqueue. A pipelined snapshot copies
-only the unguarded part here; the guards of the rest are hooked on this thread too, and
-``wait_snapshot()`` blocks this thread without involving the event loop.
+copy runs on the training thread itself (the caller waits for it anyway), so a save costs one
+round trip to the loop before the copy (reserve a slot: the policy may skip, and only when the
+queue is full and the policy blocks or coalesces does a second call wait for a slot) and one
+one-way message after it (enqueue), which the loop runs before any later call from the caller.
+A pipelined snapshot copies only the unguarded part here; the guards of the rest are hooked on
+this thread too, and ``wait_snapshot()`` blocks this thread without involving the event loop.
 """
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
 import os
 import threading
@@ -20,7 +23,7 @@ from collections.abc import Callable, Iterable, Mapping
 from contextlib import AbstractContextManager
 from functools import partial
 from types import TracebackType
-from typing import Any
+from typing import Any, TypeVar
 
 import anyio
 from anyio.from_thread import BlockingPortal
@@ -35,14 +38,18 @@ from .storage import Storage
 
 __all__ = ["Checkpointer", "SyncSaveHandle"]
 
+T = TypeVar("T")
+
 
 class _PortalThread:
     """An event loop in a daemon thread, reachable through a BlockingPortal."""
 
     def __init__(self, name: str) -> None:
         ready: concurrent.futures.Future[BlockingPortal] = concurrent.futures.Future()
+        self.loop: asyncio.AbstractEventLoop | None = None
 
         async def main() -> None:
+            self.loop = asyncio.get_running_loop()
             async with BlockingPortal() as portal:
                 ready.set_result(portal)
                 await portal.sleep_until_stopped()
@@ -238,10 +245,12 @@ class Checkpointer:
         self._check_open()
         mode = self._core._snapshot_mode(snapshot)
         self._core._unhook()
-        request = self._portal.call(
-            partial(self._core._reserve, keep=keep, supersedes=supersedes),
+        request = self._on_loop(
+            partial(self._core._reserve_nowait, keep=keep, supersedes=supersedes),
             step, epoch, metrics, name, t0,
         )
+        if not request.reserved and not request.handle.done():
+            request = self._portal.call(self._core._wait_for_slot, request)  # queue full: block
         if not request.reserved:
             return SyncSaveHandle(self._portal, request.handle)
         try:
@@ -249,9 +258,33 @@ class Checkpointer:
         except BaseException:
             self._portal.call(self._core._unreserve, request)
             raise
-        handle = self._portal.call(self._core._submit, request, snap)
+        request.stall = time.perf_counter() - t0
+        # One-way: the loop runs callbacks in order, so this is queued before anything the
+        # caller asks through the portal next (wait, flush, close).
+        loop = self._thread.loop
+        if loop is None:  # pragma: no cover - set before the portal exists
+            raise RuntimeError("the writer's event loop is not running")
+        loop.call_soon_threadsafe(self._core._submit_or_cancel, request, snap)
         self._core._hook(snap)
-        return SyncSaveHandle(self._portal, handle)
+        return SyncSaveHandle(self._portal, request.handle)
+
+    def _on_loop(self, func: Callable[..., T], *args: object) -> T:
+        """Run a plain function on the writer's loop and return its result: one wake-up of the
+        loop and one of the caller, where a portal call (which spawns a task) takes two of
+        each."""
+        loop = self._thread.loop
+        if loop is None:  # pragma: no cover - set before the portal exists
+            raise RuntimeError("the writer's event loop is not running")
+        future: concurrent.futures.Future[T] = concurrent.futures.Future()
+
+        def run() -> None:
+            try:
+                future.set_result(func(*args))
+            except BaseException as exc:
+                future.set_exception(exc)
+
+        loop.call_soon_threadsafe(run)
+        return future.result()
 
     def wait_snapshot(self) -> None:
         """Block until every pipelined snapshot is completely copied.

@@ -30,6 +30,7 @@ import logging
 import operator
 import os
 import random
+import threading
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -64,13 +65,14 @@ from ._events import (
     Written,
 )
 from ._index import IndexEntry, IndexState
+from ._jobthread import JobThread
 from ._naming import INDEX_NAME, LAST_CHECKPOINT_NAME, validate_name
 from ._pipelined import CopyMonitor, PendingCopy, ProbeEvent
 from ._pool import BufferPool
 from ._retention import Retention
 from ._serialize import Hasher, serialize
 from ._snapshot import CudaCopier, Snapshot, caller_streams, plan_snapshot, take_snapshot
-from .storage import Storage, storage_for
+from .storage import BlockingWrite, Storage, storage_for
 
 __all__ = ["AsyncCheckpointer", "SaveHandle", "SaveStatus"]
 
@@ -82,6 +84,10 @@ T = TypeVar("T")
 
 _CHANNEL_DEPTH = 8  # chunks in flight between the serializer thread and storage.write
 _END = object()  # the serializer finished; anything else ending the stream is an abort
+
+
+class _JobCancelled(Exception):
+    """The blocking job stopped because its task was cancelled (the cancellation is raised)."""
 
 
 class _ProducerStopped(Exception):
@@ -173,6 +179,7 @@ class _Request:
     keep: bool = False
     supersedes: tuple[str, ...] = ()
     reserved: bool = False
+    stall: float | None = None  # set by a caller that measured it on its own thread
 
     @property
     def step(self) -> int:
@@ -314,6 +321,7 @@ class AsyncCheckpointer:
         self._guarded: list[PendingCopy] = []
         #: test seam: called by pipelined copies, see ``_pipelined.ProbeEvent``
         self._probe: Callable[[ProbeEvent, int], None] | None = None
+        self._jobs = JobThread(self.config.writer_nice)
         self._errors: list[tuple[str, BaseException]] = []
         self._lifecycle: Literal["new", "open", "closing", "closed"] = "new"
         self._names: dict[str, list[int]] = {}  # in-flight name -> [step, count]
@@ -548,6 +556,36 @@ class AsyncCheckpointer:
         supersedes: object = (),
     ) -> _Request:
         """Validate a save and take a queue slot according to ``when_full`` (on the loop)."""
+        request = self._reserve_nowait(step, epoch, metrics, name, t0, keep=keep,
+                                       supersedes=supersedes)
+        if request.reserved or request.handle.done():
+            return request
+        return await self._wait_for_slot(request)
+
+    async def _wait_for_slot(self, request: _Request) -> _Request:
+        """The slow half of ``_reserve``: every slot is taken and the policy blocks or
+        coalesces (then the oldest waiting snapshot is dropped, if one is waiting)."""
+        if self.config.when_full == "coalesce" and await self._evict_oldest():
+            return self._reserved(request)  # _evict_oldest took the slot it freed
+        # block; or coalesce while every slot is held by a snapshot still being taken
+        # (concurrent saves from several tasks), so nothing waits to be replaced
+        await self._slots.acquire()
+        return self._reserved(request)
+
+    def _reserve_nowait(
+        self,
+        step: object,
+        epoch: object,
+        metrics: object,
+        name: object,
+        t0: float,
+        *,
+        keep: object = False,
+        supersedes: object = (),
+    ) -> _Request:
+        """The fast half of ``_reserve`` (on the loop, never waits): validate, then take a free
+        slot, skip, or coalesce. The request comes back unreserved and unresolved when the
+        caller must wait for a slot (``_wait_for_slot``)."""
         self._check_open()
         self._raise_pending()
         step_ = _as_count(step, "step")
@@ -569,24 +607,24 @@ class AsyncCheckpointer:
         request = _Request(handle, metrics_, self._clock(), t0,
                            keep, superseded)
         policy = self.config.when_full
-        if policy == "block":
-            await self._slots.acquire()
-        else:
-            try:
-                self._slots.acquire_nowait()
-            except anyio.WouldBlock:
-                if policy == "skip":
-                    request.handle._resolve("skipped")
-                    self._emit(Skipped(step_, name_, "queue_full"))
-                    return request
-                if not await self._evict_oldest():
-                    # Every slot is held by a snapshot still being taken (concurrent saves from
-                    # several tasks), so nothing waits in the queue to replace: wait instead.
-                    await self._slots.acquire()
+        try:
+            self._slots.acquire_nowait()
+        except anyio.WouldBlock:
+            if policy == "skip":
+                request.handle._resolve("skipped")
+                self._emit(Skipped(step_, name_, "queue_full"))
+                return request
+            # block, or coalesce: the slow half waits (coalescing may have to wait for the
+            # evicted snapshot's background copy to stop before its buffer is reused)
+            return request
+        return self._reserved(request)
+
+    def _reserved(self, request: _Request) -> _Request:
+        """Record that ``request`` holds a slot (on the loop)."""
         if self._lifecycle != "open":
             self._slots.release()
             raise WriterClosedError(f"the checkpointer for {self.uri} closed during save()")
-        entry = self._names.setdefault(name_, [step_, 0])
+        entry = self._names.setdefault(request.name, [request.step, 0])
         entry[1] += 1
         request.reserved = True
         return request
@@ -670,11 +708,18 @@ class AsyncCheckpointer:
             self._idle = anyio.Event()
         self._unfinished += 1
         self._send.send_nowait(job)  # never full: the stream holds as many items as there are slots
-        self._emit(
-            SnapshotTaken(request.step, request.name, snapshot.nbytes,
-                          time.perf_counter() - request.t0)
-        )
+        stall = request.stall if request.stall is not None else time.perf_counter() - request.t0
+        self._emit(SnapshotTaken(request.step, request.name, snapshot.nbytes, stall))
         return request.handle
+
+    def _submit_or_cancel(self, request: _Request, snapshot: Snapshot) -> None:
+        """``_submit`` for a caller that does not wait for it (on the loop): a checkpointer
+        that closed meanwhile resolves the handle as cancelled instead of raising."""
+        try:
+            self._submit(request, snapshot)
+        except WriterClosedError:
+            self._drop_name(request.name)
+            request.handle._resolve("cancelled")
 
     async def _evict_oldest(self) -> bool:
         """Coalesce: drop the oldest waiting snapshot to make room (on the loop)."""
@@ -805,25 +850,24 @@ class AsyncCheckpointer:
         await self._delete_pending()
 
     async def _write_data(self, name: str, snapshot: Snapshot) -> tuple[int, str]:
-        """One attempt: serialize in a worker thread, streaming chunks into storage.write.
+        """One attempt: serialize in a worker thread, streaming chunks into storage.write, or
+        through the backend's blocking path when it has one (:meth:`_write_blocking`).
 
         With ``encryption`` the serializer writes into a sealer in the same thread, and the size
         and checksum returned (for the index) are those of the stored, encrypted bytes.
         """
+        sink = self._storage.blocking_write(name)
+        if sink is not None:
+            return await self._write_blocking(name, snapshot, sink)
         send, recv = anyio.create_memory_object_stream[object](_CHANNEL_DEPTH)
         outcome: dict[str, Any] = {}
-        torch_crc32 = self.config.torch_crc32
+        options = self._serialize_options()
         encryption = self.config.encryption
-        cpu_locations = self.config.cpu_locations
-        reducers = self._reducers
 
         def produce() -> tuple[int, str]:
             def emit(chunk: object) -> None:
                 anyio.from_thread.run(send.send, chunk)
 
-            options: dict[str, Any] = dict(
-                torch_crc32=torch_crc32, reducers=reducers, cpu_locations=cpu_locations
-            )
             if encryption is None:
                 result = serialize(snapshot, emit, **options)
             else:
@@ -864,18 +908,65 @@ class AsyncCheckpointer:
         if "error" in outcome:
             raise outcome["error"]
         size, checksum = outcome["result"]
-        if written != size:
-            # The backend published something other than what was serialized. No index names
-            # it (a listed name is unlisted before it is rewritten), so it can go.
-            with anyio.CancelScope(shield=True):
-                try:
-                    await self._storage.delete(name)
-                except Exception as exc:
-                    logger.warning("could not remove the short write %s: %s", name, exc)
-            raise StorageError(
-                f"storage accepted {written} of {size} bytes for {name}", self._storage.uri_of(name)
-            )
+        await self._check_written(name, written, size)
         return size, checksum
+
+    async def _write_blocking(
+        self, name: str, snapshot: Snapshot, sink: BlockingWrite
+    ) -> tuple[int, str]:
+        """One attempt through the backend's blocking path: the writer's low-priority job
+        thread serializes (and encrypts) and writes the file itself, so no chunk crosses
+        threads. Cancellation (abandon at close) is noticed between chunks; the sink is then
+        aborted and leaves nothing behind."""
+        options = self._serialize_options()
+        encryption = self.config.encryption
+
+        def run(cancelled: threading.Event) -> tuple[int, str, int]:
+            def store(chunk: Any) -> None:
+                if cancelled.is_set():
+                    raise _JobCancelled
+                sink.write(chunk)
+
+            sink.cancelled = cancelled
+            try:
+                if encryption is None:
+                    size, checksum = serialize(snapshot, store, borrowed=True, **options)
+                else:  # the sealer encrypts or copies each piece before it returns
+                    sealer = encryption.sealer(store)
+                    serialize(snapshot, sealer.write, borrowed=True, **options)
+                    size, checksum = sealer.finish()
+                if cancelled.is_set():
+                    raise _JobCancelled
+                return size, checksum, sink.commit()
+            except BaseException:
+                sink.abort()
+                raise
+
+        size, checksum, written = await self._jobs.run(run)
+        await self._check_written(name, written, size)
+        return size, checksum
+
+    def _serialize_options(self) -> dict[str, Any]:
+        return {
+            "torch_crc32": self.config.torch_crc32,
+            "reducers": self._reducers,
+            "cpu_locations": self.config.cpu_locations,
+        }
+
+    async def _check_written(self, name: str, written: int, size: int) -> None:
+        """Raise if the backend published other than the ``size`` bytes serialized."""
+        if written == size:
+            return
+        # The backend published something other than what was serialized. No index names it (a
+        # listed name is unlisted before it is rewritten), so it can go.
+        with anyio.CancelScope(shield=True):
+            try:
+                await self._storage.delete(name)
+            except Exception as exc:
+                logger.warning("could not remove the short write %s: %s", name, exc)
+        raise StorageError(
+            f"storage accepted {written} of {size} bytes for {name}", self._storage.uri_of(name)
+        )
 
     async def _relist_if_intact(self, entry: IndexEntry) -> None:
         """After a failed re-save, list the previous file again if its bytes are unchanged."""
@@ -986,6 +1077,7 @@ class AsyncCheckpointer:
                     self._record_error("updating the index at close", exc)
                 finally:
                     self._pool.close()
+                    await self._jobs.aclose()
                     await self._storage.aclose()
                     self._lifecycle = "closed"
         self._raise_pending()

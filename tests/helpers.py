@@ -162,7 +162,7 @@ class RenameFailingStorage(LocalStorage):
         super().__init__(directory)
         self.error: BaseException | None = error
 
-    async def _publish(self, tmp: str, final: str) -> None:
+    def _publish(self, tmp: str, final: str) -> None:
         if self.error is not None and os.path.basename(final) not in BOOKKEEPING:
             raise self.error
-        await super()._publish(tmp, final)
+        super()._publish(tmp, final)

@@ -6,6 +6,7 @@ import errno
 import json
 import os
 import threading
+import time
 
 import anyio
 import numpy as np
@@ -656,3 +657,23 @@ def test_a_storage_that_fails_to_open_leaves_nothing_open(tmp_path):
     with pytest.raises(asyncckpt.StorageError, match="create the checkpoint folder"):
         Checkpointer(blocker / "ckpt")
     assert not [t for t in threading.enumerate() if t.name.startswith("asyncckpt-writer")]
+
+
+def test_sync_saves_queue_in_order_without_waiting(ckpt_dir):
+    """save() enqueues one-way; whatever the caller asks next runs after the enqueue."""
+    stalls = []
+
+    def on_event(event):
+        if isinstance(event, asyncckpt.events.SnapshotTaken):
+            stalls.append(event.stall)
+
+    with asyncckpt.Checkpointer(ckpt_dir, queue_size=3, observers=[on_event]) as ckpt:
+        t0 = time.perf_counter()
+        handles = [ckpt.save({"x": torch.full((100,), float(i))}, step=i) for i in range(1, 9)]
+        elapsed = time.perf_counter() - t0
+        ckpt.flush()  # runs after the last enqueue: every save is resolved by now
+        assert [h.status for h in handles] == ["committed"] * 8
+        assert [c.step for c in ckpt.checkpoints()] == list(range(1, 9))
+    assert len(stalls) == 8 and sum(stalls) <= elapsed  # measured on the caller's thread
+    for i in range(1, 9):
+        assert torch.load(ckpt_dir / f"step_{i}.pt", weights_only=True)["x"][0] == i

@@ -13,12 +13,20 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
-from ._base import Buffer, Storage
+from ._base import BlockingWrite, Buffer, Storage
 from ._fsspec import FsspecStorage
 from ._local import LocalStorage
 from ._s3 import S3Storage
 
-__all__ = ["Buffer", "FsspecStorage", "LocalStorage", "S3Storage", "Storage", "storage_for"]
+__all__ = [
+    "BlockingWrite",
+    "Buffer",
+    "FsspecStorage",
+    "LocalStorage",
+    "S3Storage",
+    "Storage",
+    "storage_for",
+]
 
 
 def _scheme(location: str) -> str | None:

@@ -9,6 +9,13 @@ atomic publish. The writer calls, in this order::
     await storage.delete(name)           rotation, after the index stopped naming ``name``
     await storage.aclose()               once
 
+A backend may also offer a blocking path for checkpoints, used from the serializer's worker
+thread so that no chunk crosses threads (``blocking_write(name)`` returns a
+:class:`BlockingWrite`, or None to use ``write``)::
+
+    w = storage.blocking_write(name)     on the loop: must not block (open files lazily)
+    w.write(view) ... w.commit()         in one worker thread; or w.abort() on any failure
+
 Readers (``asyncckpt.load``, ``asyncckpt.checkpoints``) call ``open(writer=False)``, then
 ``read_bytes`` / ``read_stream`` / ``list``. ``cleanup_temporaries`` removes what a crashed writer
 left in flight. Errors are raised as :class:`~asyncckpt.StorageError` (or
@@ -18,7 +25,8 @@ left in flight. Errors are raised as :class:`~asyncckpt.StorageError` (or
 from __future__ import annotations
 
 import builtins
-from abc import abstractmethod
+import threading
+from abc import ABC, abstractmethod
 from collections.abc import AsyncIterable, AsyncIterator
 from typing import Any
 
@@ -26,13 +34,40 @@ from anyio.abc import AsyncResource
 
 from .._naming import TMP_PREFIX
 
-__all__ = ["Buffer", "Storage"]
+__all__ = ["BlockingWrite", "Buffer", "Storage"]
 
 Buffer = Any  # bytes, bytearray or memoryview: anything with the buffer protocol
 
 
 async def _once(data: Buffer) -> AsyncIterator[Buffer]:
     yield data
+
+
+class BlockingWrite(ABC):
+    """One object being published through a backend's blocking path, from one worker thread.
+
+    Same guarantees as :meth:`Storage.write`: nothing is visible before ``commit()`` returns,
+    and after ``abort()`` nothing temporary is left behind.
+
+    Attributes:
+        cancelled: set by the caller before the first ``write``; once it is set the write is
+            being abandoned (``abort()`` follows), so a backend that waits (for a network
+            round-trip, say) can stop waiting.
+    """
+
+    cancelled: threading.Event | None = None
+
+    @abstractmethod
+    def write(self, data: Buffer) -> None:
+        """Append ``data``; it is only valid during the call (copy what must outlive it)."""
+
+    @abstractmethod
+    def commit(self) -> int:
+        """Make the object durable and visible; return its size in bytes."""
+
+    @abstractmethod
+    def abort(self) -> None:
+        """Discard everything written so far (idempotent; never raises for a missing object)."""
 
 
 class Storage(AsyncResource):
@@ -52,6 +87,14 @@ class Storage(AsyncResource):
         bytes, and once this returns the bytes survive a crash. If ``chunks`` raises, or the
         call is cancelled, nothing is published and nothing temporary is left behind.
         """
+
+    def blocking_write(self, name: str) -> BlockingWrite | None:
+        """A blocking path to publish ``name`` from a worker thread, or None to use ``write``.
+
+        Called on the event loop, so it must not block; the returned object does its I/O in
+        the thread that calls its methods.
+        """
+        return None
 
     async def write_bytes(self, name: str, data: Buffer) -> int:
         """Publish a small object in one piece (same guarantees as :meth:`write`)."""
