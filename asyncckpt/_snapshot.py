@@ -25,8 +25,10 @@ from __future__ import annotations
 import copy
 import ctypes
 import sys
+import threading
 from collections import OrderedDict
 from collections.abc import Collection
+from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -443,6 +445,7 @@ def take_snapshot(
     streams: dict[int, torch.cuda.Stream] | None = None,
     check: bool = False,
     monitor: CopyMonitor | None = None,
+    helper: Executor | None = None,
 ) -> Snapshot:
     """Copy what ``plan`` describes into ``arena`` and return the snapshot.
 
@@ -468,6 +471,7 @@ def take_snapshot(
         check: record a checksum of every deferred source now, to compare with its copy
             (``check_snapshot``).
         monitor: guard statistics and test probe for the pending copy.
+        helper: an executor whose thread may share a large CPU copy (see :class:`SharedCopy`).
     """
     if arena.capacity < plan.nbytes:
         raise ValueError(f"arena of {arena.capacity} bytes cannot hold {plan.nbytes} bytes")
@@ -487,9 +491,9 @@ def take_snapshot(
         eager = [i for i in range(len(plan.storages)) if i not in group_of]
         if pipelined:
             pending = _defer(plan, dsts, eager, group_of, copier, streams, check, monitor,
-                             arena.pinned)
+                             arena.pinned, helper)
         else:
-            _copy_now(plan, dsts, eager, copier, streams, arena.pinned)
+            _copy_now(plan, dsts, eager, copier, streams, arena.pinned, helper)
         for tc in plan.tensors:
             tc.dst.set_(dsts[tc.storage], tc.storage_offset, tc.size, tc.stride)
     locations = {
@@ -517,6 +521,58 @@ def take_snapshot(
     )
 
 
+_PIECE = 8 << 20  # a unit of work in a shared CPU copy
+_SHARE_MIN = 32 << 20  # below this a second thread costs more than it saves
+
+
+class SharedCopy:
+    """memmoves cut into pieces that the calling thread and one helper thread claim in turn.
+
+    The caller never waits for a helper that has not started (a busy machine may not schedule
+    it for a while): once the caller runs out of pieces it closes the work, and waits only for
+    the piece the helper is copying at that moment, if any. A helper that starts late finds
+    nothing left and returns.
+    """
+
+    def __init__(self, pieces: list[tuple[int, int, int]]) -> None:
+        self._pieces = pieces
+        self._next = 0
+        self._closed = False
+        self._helper_busy = False
+        self._cond = threading.Condition()
+
+    def _claim(self, helper: bool) -> tuple[int, int, int] | None:
+        with self._cond:
+            if self._closed or self._next >= len(self._pieces):
+                return None
+            piece = self._pieces[self._next]
+            self._next += 1
+            self._helper_busy = helper
+            return piece
+
+    def _help(self) -> None:
+        while (piece := self._claim(helper=True)) is not None:
+            try:
+                ctypes.memmove(*piece)
+            finally:
+                with self._cond:
+                    self._helper_busy = False
+                    self._cond.notify_all()
+
+    def run(self, helper: Executor | None) -> None:
+        """Copy every piece, with ``helper``'s thread if the copy is large enough."""
+        if helper is not None and sum(n for _, _, n in self._pieces) >= _SHARE_MIN:
+            try:
+                helper.submit(self._help)
+            except RuntimeError:  # shut down: copy alone
+                pass
+        while (piece := self._claim(helper=False)) is not None:
+            ctypes.memmove(*piece)
+        with self._cond:
+            self._closed = True
+            self._cond.wait_for(lambda: not self._helper_busy)
+
+
 def _copy_now(
     plan: SnapshotPlan,
     dsts: list[torch.UntypedStorage],
@@ -524,8 +580,10 @@ def _copy_now(
     copier: CudaCopier,
     streams: dict[int, torch.cuda.Stream] | None,
     pinned: bool,
+    helper: Executor | None = None,
 ) -> None:
-    """The eager copy: CPU storages directly, CUDA ones on a side stream, then wait for them."""
+    """The eager copy: CPU storages directly (shared with ``helper``'s thread when they are
+    large), CUDA ones on a side stream, then wait for them."""
     cuda_events: list[torch.cuda.Event] = []
     by_device: dict[torch.device, list[int]] = {}
     for i in indices:
@@ -543,13 +601,16 @@ def _copy_now(
             event.record(stream)
             cuda_events.append(event)
         elif device.type == "cpu":
-            # One memmove per storage: ctypes releases the GIL, and unlike copy_ it never wakes
-            # torch's OpenMP pool, whose barrier costs 10-20x the copy itself when the other
-            # cores are busy (our own writer thread, or the data loader).
-            for i in specs:
-                spec = plan.storages[i]
-                if spec.nbytes:
-                    ctypes.memmove(dsts[i].data_ptr(), spec.src.data_ptr(), spec.nbytes)
+            # memmove, not copy_: ctypes releases the GIL, and it never wakes torch's OpenMP
+            # pool, whose barrier costs 10-20x the copy itself when the other cores are busy
+            # (our own writer thread, the data loader). A helper thread may share the pieces.
+            pieces = [
+                (dsts[i].data_ptr() + start, plan.storages[i].src.data_ptr() + start,
+                 min(_PIECE, plan.storages[i].nbytes - start))
+                for i in specs
+                for start in range(0, plan.storages[i].nbytes, _PIECE)
+            ]
+            SharedCopy(pieces).run(helper)
         else:
             for i in specs:
                 spec = plan.storages[i]
@@ -569,6 +630,7 @@ def _defer(
     check: bool,
     monitor: CopyMonitor | None,
     pinned: bool,
+    helper: Executor | None = None,
 ) -> PendingCopy | None:
     """The pipelined copy: eager CPU storages now, the rest queued or left to the copy thread.
 
@@ -577,7 +639,7 @@ def _defer(
     updates go on the side stream, with an event after each optimizer's group for its guard.
     """
     eager_cpu = [i for i in eager if plan.storages[i].device.type != "cuda"]
-    _copy_now(plan, dsts, eager_cpu, copier, streams, pinned)
+    _copy_now(plan, dsts, eager_cpu, copier, streams, pinned, helper)
     # (group, storage index): group -1 is "no optimizer" (CUDA only, ordered by its stream)
     order = sorted(
         [(-1, i) for i in eager if plan.storages[i].device.type == "cuda"]

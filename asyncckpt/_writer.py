@@ -668,6 +668,7 @@ class AsyncCheckpointer:
                 streams=streams,
                 check=self.config.check_snapshot,
                 monitor=CopyMonitor(self._stats.record_guard, self._probe),
+                helper=self._copy_thread,
             )
         except BaseException:
             self._pool.release(arena)
@@ -856,7 +857,7 @@ class AsyncCheckpointer:
         With ``encryption`` the serializer writes into a sealer in the same thread, and the size
         and checksum returned (for the index) are those of the stored, encrypted bytes.
         """
-        sink = self._storage.blocking_write(name)
+        sink = self._storage.blocking_write(name, size_hint=snapshot.nbytes)
         if sink is not None:
             return await self._write_blocking(name, snapshot, sink)
         send, recv = anyio.create_memory_object_stream[object](_CHANNEL_DEPTH)

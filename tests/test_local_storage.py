@@ -116,7 +116,7 @@ def test_o_direct_refused_at_open_falls_back_to_the_page_cache(ckpt_dir, monkeyp
     monkeypatch.setattr(_local.os, "open", no_direct)
     state, expected = state_and_expected()
     storage = LocalStorage(ckpt_dir, direct_io=True, chunk_size=4096)
-    with caplog.at_level(logging.WARNING, logger="asyncckpt"):
+    with caplog.at_level(logging.INFO, logger="asyncckpt"):  # routine: info, not a warning
         with asyncckpt.Checkpointer(storage) as ckpt:
             ckpt.save(state, step=1).wait()
             ckpt.save(state, step=2).wait()
@@ -237,8 +237,8 @@ class GatedStorage(LocalStorage):
         self.hold, self.entered = hold, threading.Event()
         self.nice: set[int] = set()
 
-    def blocking_write(self, name):
-        return _GatedWrite(super().blocking_write(name), self)
+    def blocking_write(self, name, size_hint=None):
+        return _GatedWrite(super().blocking_write(name, size_hint), self)
 
 
 @pytest.mark.parametrize("direct_io", [False, True])
@@ -338,3 +338,12 @@ async def test_small_files_are_published_atomically_in_one_call(tmp_path, monkey
     assert str(tmp_path / "index.json") in str(err.value)
     assert (tmp_path / "index.json").read_bytes() == b'{"a": 1}'  # the old one stays
     assert leftovers(tmp_path) == []
+
+
+def test_direct_io_is_the_default_and_small_files_skip_it(ckpt_dir):
+    storage = LocalStorage(ckpt_dir, chunk_size=1 << 20)
+    assert storage.direct_io is True
+    assert storage.blocking_write("small.pt", size_hint=1000)._want_direct is False
+    assert storage.blocking_write("big.pt", size_hint=8 << 20)._want_direct is True
+    buffered = LocalStorage(ckpt_dir, direct_io=False)
+    assert buffered.blocking_write("x", 8 << 20)._want_direct is False

@@ -270,3 +270,26 @@ def test_a_stream_that_breaks_mid_write_does_not_abort_the_process():
                             text=True, timeout=120, check=False)
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.split() == ["raised", "survived"]
+
+
+def test_a_shared_copy_never_waits_for_a_helper_that_has_not_started():
+    """The caller copies every piece itself when the helper thread is busy elsewhere."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    from asyncckpt._snapshot import SharedCopy
+
+    src = torch.arange(48 << 20, dtype=torch.uint8)  # 48 MiB: worth sharing
+    dst = torch.zeros_like(src)
+    pieces = [(dst.data_ptr() + off, src.data_ptr() + off, min(8 << 20, src.numel() - off))
+              for off in range(0, src.numel(), 8 << 20)]
+    release = threading.Event()
+    with ThreadPoolExecutor(1) as helper:
+        helper.submit(release.wait)  # the helper's only thread is busy
+        SharedCopy(pieces).run(helper)  # returns without it
+        assert torch.equal(dst, src)
+        release.set()
+    dst.zero_()
+    with ThreadPoolExecutor(1) as helper:  # and with an idle helper both threads copy
+        SharedCopy(pieces).run(helper)
+    assert torch.equal(dst, src)

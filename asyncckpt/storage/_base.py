@@ -10,7 +10,7 @@ atomic publish. The writer calls, in this order::
     await storage.aclose()               once
 
 A backend may also offer a blocking path for checkpoints, used from the serializer's worker
-thread so that no chunk crosses threads (``blocking_write(name)`` returns a
+thread so that no chunk crosses threads (``blocking_write(name, size_hint)`` returns a
 :class:`BlockingWrite`, or None to use ``write``)::
 
     w = storage.blocking_write(name)     on the loop: must not block (open files lazily)
@@ -88,11 +88,11 @@ class Storage(AsyncResource):
         call is cancelled, nothing is published and nothing temporary is left behind.
         """
 
-    def blocking_write(self, name: str) -> BlockingWrite | None:
+    def blocking_write(self, name: str, size_hint: int | None = None) -> BlockingWrite | None:
         """A blocking path to publish ``name`` from a worker thread, or None to use ``write``.
 
         Called on the event loop, so it must not block; the returned object does its I/O in
-        the thread that calls its methods.
+        the thread that calls its methods. ``size_hint`` is about how many bytes will come.
         """
         return None
 

@@ -3,11 +3,12 @@
 Checkpoints take the blocking path (:meth:`LocalStorage.blocking_write`): the serializer's worker
 thread writes the file itself, so no chunk crosses threads. Small pieces (zip headers, the
 pickle) are gathered in a staging buffer; large tensor payloads go to ``os.write`` as they are.
-With ``direct_io=True`` the file is opened with ``O_DIRECT`` and every byte goes through two
-page-aligned staging buffers of ``chunk_size`` bytes: one is filled (``memmove``, GIL released)
-while an I/O thread writes the other, and the last block is padded to the alignment and the file
-truncated to its exact size before the fsync. That skips the page cache, whose pages are costly
-to fault in on virtual machines, and costs the CPU almost nothing. Where ``O_DIRECT`` is refused
+With ``direct_io`` (the default; for files of at least ``chunk_size`` bytes) the file is opened
+with ``O_DIRECT`` and every byte goes through two page-aligned staging buffers of ``chunk_size``
+bytes: one is filled (``memmove``, GIL released) while an I/O thread writes the other, and the
+last block is padded to the alignment and the file truncated to its exact size before the fsync.
+That skips the page cache, whose pages are costly to fault in on virtual machines, and costs the
+CPU almost nothing. Where ``O_DIRECT`` is refused
 (``EINVAL``: tmpfs on older kernels, some FUSE and network filesystems) the same file is written
 through the page cache instead. Index and pointer files use the async ``write`` (aiofiles).
 """
@@ -96,9 +97,10 @@ class _Staging:
 class _LocalBlockingWrite(BlockingWrite):
     """One checkpoint file written from a worker thread (see the module docstring)."""
 
-    def __init__(self, storage: LocalStorage, name: str) -> None:
+    def __init__(self, storage: LocalStorage, name: str, direct: bool) -> None:
         self._storage = storage
         self._name = name
+        self._want_direct = direct
         self._final = storage._join(name)
         self._tmp = storage._join(f"{TMP_PREFIX}{uuid.uuid4().hex[:16]}")
         self._fd: int | None = None
@@ -115,7 +117,7 @@ class _LocalBlockingWrite(BlockingWrite):
     def _open(self) -> int:
         storage = self._storage
         flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
-        if storage.direct_io and _O_DIRECT and storage._direct_ok is not False:
+        if self._want_direct and _O_DIRECT and storage._direct_ok is not False:
             try:
                 self._fd = os.open(self._tmp, flags | _O_DIRECT, 0o644)
                 self._direct = True
@@ -129,9 +131,9 @@ class _LocalBlockingWrite(BlockingWrite):
         return self._fd
 
     def _no_direct(self, exc: OSError) -> None:
-        if self._storage._direct_ok is not False:
-            logger.warning("O_DIRECT is not supported in %s (%s); writing through the page "
-                           "cache", self._storage.path, exc.strerror or exc)
+        if self._storage._direct_ok is not False:  # routine (tmpfs, some FUSE/NFS): no warning
+            logger.info("O_DIRECT is not supported in %s (%s); writing through the page cache",
+                        self._storage.path, exc.strerror or exc)
         self._storage._direct_ok = False
 
     def _error(self, exc: OSError) -> Exception:
@@ -305,9 +307,11 @@ class LocalStorage(Storage):
         directory: the folder (created by a writer if missing).
         fsync: fsync files and the folder (turn off only for throwaway runs and tests of
             non-durability paths; the default is durable).
-        direct_io: write checkpoints with ``O_DIRECT`` through aligned staging buffers,
-            bypassing the page cache (falls back to buffered writes where unsupported). The
-            bytes on disk are the same either way.
+        direct_io: write checkpoints of at least ``chunk_size`` bytes with ``O_DIRECT``
+            through aligned staging buffers, bypassing the page cache (on by default: about
+            twice the durable throughput at less than half the CPU on our VMs; falls back to
+            buffered writes where the filesystem refuses it). The bytes on disk are the same
+            either way.
         chunk_size: size of each of the two ``O_DIRECT`` staging buffers (a multiple of 4 KiB).
 
     Raises:
@@ -319,7 +323,7 @@ class LocalStorage(Storage):
         directory: str | os.PathLike[str],
         *,
         fsync: bool = True,
-        direct_io: bool = False,
+        direct_io: bool = True,
         chunk_size: int = 32 << 20,
     ) -> None:
         self.path = os.path.abspath(os.fspath(directory))
@@ -368,9 +372,14 @@ class LocalStorage(Storage):
         except OSError as exc:
             raise _storage_error("lock", lock_path, exc) from exc
 
-    def blocking_write(self, name: str) -> BlockingWrite:
-        """Write ``name`` from a worker thread (tmp file, fsync, rename, folder fsync)."""
-        return _LocalBlockingWrite(self, name)
+    def blocking_write(self, name: str, size_hint: int | None = None) -> BlockingWrite:
+        """Write ``name`` from a worker thread (tmp file, fsync, rename, folder fsync).
+
+        ``O_DIRECT`` is used (when ``direct_io``) unless the hint says the file is smaller than
+        one staging buffer: then the two aligned buffers would cost more memory than the file.
+        """
+        direct = self.direct_io and (size_hint is None or size_hint >= self.chunk_size)
+        return _LocalBlockingWrite(self, name, direct)
 
     def _staging_for(self, direct: bool) -> tuple[_Staging, bool]:
         """Staging buffers and whether they are the shared ones (reused across saves)."""
