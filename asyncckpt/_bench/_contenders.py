@@ -5,8 +5,9 @@ Every contender turns ``save(tree, step)`` into a :class:`Pending` once the call
 upload completed remotely), so "time to durable" means the same for all of them:
 
 =========================  ================================================================
-``asyncckpt-<mode>``       :class:`asyncckpt.Checkpointer` with that snapshot mode
-``asyncckpt-<mode>-direct`` the same with ``LocalStorage(direct_io=True)`` (local folders)
+``asyncckpt-<mode>``       :class:`asyncckpt.Checkpointer` with that snapshot mode; on a local
+                           folder through the page cache (``direct_io=False``)
+``asyncckpt-<mode>-direct`` the same with ``O_DIRECT`` writes (``LocalStorage``'s default)
 ``torch-save``             ``torch.save`` to the file, then ``fsync`` (remote: to memory, then one
                            upload), on the caller's thread
 ``dcp``                    ``torch.distributed.checkpoint.async_save`` (thread executor), a new
@@ -294,7 +295,17 @@ class Asyncckpt(Contender):
         self.mode = mode
         self.direct_io = direct_io
         self.id = f"asyncckpt-{mode}" + ("-direct" if direct_io else "")
-        self.label = f"asyncckpt {mode}" + (" (O_DIRECT)" if direct_io else "")
+        # Local folders: say which write path explicitly (O_DIRECT is LocalStorage's default).
+        self._extra: dict[str, Any] = (
+            {"direct_io": direct_io}
+            if dest.local_root is not None and "direct_io" not in dest.storage_options
+            else {}
+        )
+        if "direct_io" in self._extra:
+            kind = "O_DIRECT, the default" if direct_io else "page cache"
+            self.label = f"asyncckpt {mode} ({kind})"
+        else:
+            self.label = f"asyncckpt {mode}"
         self.options: dict[str, Any] = {
             "queue_size": queue_size, "when_full": when_full, "snapshot": mode,
             "keep_last": 1, "filename": "step_{step}.pt",
@@ -303,8 +314,7 @@ class Asyncckpt(Contender):
 
     def unsupported(self) -> str | None:
         try:
-            extra = {"direct_io": True} if self.direct_io else {}
-            self.dest.asyncckpt_storage(self.id, **extra)
+            self.dest.asyncckpt_storage(self.id, **self._extra)
         except (ValueError, TypeError) as exc:
             return f"asyncckpt cannot write there: {exc}"
         return None
@@ -312,9 +322,8 @@ class Asyncckpt(Contender):
     def open(self) -> None:
         import asyncckpt
 
-        extra = {"direct_io": True} if self.direct_io else {}
         self._ckpt = asyncckpt.Checkpointer(
-            self.dest.asyncckpt_storage(self.id, **extra), **self.options
+            self.dest.asyncckpt_storage(self.id, **self._extra), **self.options
         )
 
     def _save(self, tree: Any, name: str, step: int, objects: dict[str, Any] | None) -> Pending:
