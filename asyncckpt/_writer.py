@@ -584,8 +584,8 @@ class AsyncCheckpointer:
         supersedes: object = (),
     ) -> _Request:
         """The fast half of ``_reserve`` (on the loop, never waits): validate, then take a free
-        slot, skip, or coalesce. The request comes back unreserved and unresolved when the
-        caller must wait for a slot (``_wait_for_slot``)."""
+        slot or skip. The request comes back unreserved and unresolved when the caller must go
+        on to ``_wait_for_slot`` (block, or coalesce: evicting may have to wait for a copy)."""
         self._check_open()
         self._raise_pending()
         step_ = _as_count(step, "step")
