@@ -152,7 +152,9 @@ def test_direct_io_on_tmpfs_writes_a_valid_file(tmp_path_factory):
 
     with tempfile.TemporaryDirectory(dir="/dev/shm") as folder:
         state, expected = state_and_expected()
-        with asyncckpt.Checkpointer(LocalStorage(folder, direct_io=True)) as ckpt:
+        # a 4 KiB staging buffer: the small state is above it, so O_DIRECT is attempted
+        storage = LocalStorage(folder, direct_io=True, chunk_size=4096)
+        with asyncckpt.Checkpointer(storage) as ckpt:
             ckpt.save(state, step=1).wait()
         with open(os.path.join(folder, "step_1.pt"), "rb") as f:
             assert f.read() == torch_save_bytes(expected, crc32=False)
