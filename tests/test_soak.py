@@ -124,8 +124,11 @@ def test_keyboard_interrupt_in_the_loop_drains_and_leaks_nothing(tmp_path):
 
 SIGINT_CHILD = textwrap.dedent(
     """
-    import sys, torch, asyncckpt
+    import signal, sys, torch, asyncckpt
     from asyncckpt.events import Committed
+    # Python's own Ctrl-C handling even when started with SIGINT ignored (a shell's background
+    # job inherits SIG_IGN, and Python then installs no handler): the test sends a real SIGINT.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     def report(event):
         if isinstance(event, Committed):
             print(event.info.step, flush=True)
