@@ -547,7 +547,8 @@ class SharedCopy:
                 return None
             piece = self._pieces[self._next]
             self._next += 1
-            self._helper_busy = helper
+            if helper:  # (a claim by the caller must not clear it: the helper may be copying)
+                self._helper_busy = True
             return piece
 
     def _help(self) -> None:
@@ -566,11 +567,22 @@ class SharedCopy:
                 helper.submit(self._help)
             except RuntimeError:  # shut down: copy alone
                 pass
-        while (piece := self._claim(helper=False)) is not None:
-            ctypes.memmove(*piece)
-        with self._cond:
-            self._closed = True
-            self._cond.wait_for(lambda: not self._helper_busy)
+        try:
+            while (piece := self._claim(helper=False)) is not None:
+                ctypes.memmove(*piece)
+        finally:
+            # Also when interrupted (Ctrl-C in a notebook): the caller gives the destination
+            # buffer back when this raises, so the helper must be out of it by then.
+            with self._cond:
+                self._closed = True
+                interrupted: BaseException | None = None
+                while self._helper_busy:
+                    try:
+                        self._cond.wait()
+                    except BaseException as exc:  # a second Ctrl-C: still wait for the piece
+                        interrupted = exc
+                if interrupted is not None:
+                    raise interrupted
 
 
 def _copy_now(

@@ -293,3 +293,81 @@ def test_a_shared_copy_never_waits_for_a_helper_that_has_not_started():
     with ThreadPoolExecutor(1) as helper:  # and with an idle helper both threads copy
         SharedCopy(pieces).run(helper)
     assert torch.equal(dst, src)
+
+
+def _instrumented_copy(monkeypatch, on_caller_piece):
+    """A SharedCopy of ten 8 MiB pieces whose helper thread, once it holds a piece, copies it
+    only after ``go`` is set; ``on_caller_piece(helper_in, go, memmove, *piece)`` stands for the
+    caller's memmove. Returns the copy and the lists of pieces the helper started / finished."""
+    import ctypes
+    import threading
+
+    import asyncckpt._snapshot as snapshot_module
+    from asyncckpt._snapshot import SharedCopy
+
+    src = torch.arange(80 << 20, dtype=torch.uint8)
+    dst = torch.zeros_like(src)
+    pieces = [(dst.data_ptr() + off, src.data_ptr() + off, 8 << 20)
+              for off in range(0, src.numel(), 8 << 20)]
+    caller = threading.get_ident()
+    helper_in, go = threading.Event(), threading.Event()
+    started: list[int] = []
+    finished: list[int] = []
+    real_memmove = ctypes.memmove
+
+    class _Ctypes:
+        @staticmethod
+        def memmove(dst_ptr: int, src_ptr: int, n: int) -> None:
+            if threading.get_ident() == caller:
+                on_caller_piece(helper_in, go, real_memmove, dst_ptr, src_ptr, n)
+                return
+            started.append(dst_ptr)
+            helper_in.set()
+            assert go.wait(30)
+            real_memmove(dst_ptr, src_ptr, n)
+            finished.append(dst_ptr)
+
+    monkeypatch.setattr(snapshot_module, "ctypes", _Ctypes)
+    return SharedCopy(pieces), (src, dst), started, finished
+
+
+def test_a_shared_copy_returns_only_after_the_helpers_last_piece(monkeypatch):
+    """Regression: the caller's own claims cleared the helper's busy flag, so run() could
+    return (and an eager save() let training go on) while the helper was still copying."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    done = []
+
+    def caller_piece(helper_in, go, memmove, *piece):
+        assert helper_in.wait(30)  # the helper holds its first piece while the caller copies
+        memmove(*piece)  # the other nine; only then does the helper's copy go on
+        done.append(piece)
+        if len(done) == 9:
+            go.set()
+
+    copy, (src, dst), started, finished = _instrumented_copy(monkeypatch, caller_piece)
+    with ThreadPoolExecutor(1) as helper:
+        copy.run(helper)
+        at_return = (list(started), list(finished))
+    assert at_return[0] and at_return[0] == at_return[1]
+    assert torch.equal(dst, src)
+
+
+def test_an_interrupted_shared_copy_leaves_no_helper_writing(monkeypatch):
+    """Ctrl-C during a shared copy: when run() raises, the helper is not in the middle of a
+    piece and takes no more (the caller hands the destination buffer back for reuse at once)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def caller_piece(helper_in, go, memmove, *piece):
+        assert helper_in.wait(30)  # the helper holds a piece ...
+        go.set()
+        raise KeyboardInterrupt  # ... when the caller is interrupted
+
+    copy, _, started, finished = _instrumented_copy(monkeypatch, caller_piece)
+    with ThreadPoolExecutor(1) as helper:
+        with pytest.raises(KeyboardInterrupt):
+            copy.run(helper)
+        at_raise = (list(started), list(finished))
+    assert at_raise[0] and at_raise[0] == at_raise[1]  # no piece half-copied when run() raised
+    assert started == at_raise[0]  # and no piece started afterwards
+    assert copy._next < len(copy._pieces)
