@@ -804,9 +804,10 @@ class AsyncCheckpointer:
                     backoff=self.config.retry_backoff,
                     what=f"writing {req.name}",
                 )
-            except Exception:
+            except BaseException:  # also cancelled (abandon at close, Ctrl-C): relist first
                 if replaced is not None:
-                    await self._relist_if_intact(replaced)
+                    with anyio.CancelScope(shield=True):
+                        await self._relist_if_intact(replaced)
                 raise
             seconds = time.perf_counter() - started
             numpy_paths = tuple(job.snapshot.numpy_paths)

@@ -256,6 +256,22 @@ def test_abandon_cancels_a_blocking_write_and_leaves_nothing(ckpt_dir, direct_io
     assert leftovers(ckpt_dir) == []
 
 
+def test_an_abandoned_resave_keeps_the_committed_checkpoint_listed(ckpt_dir):
+    """Re-saving a committed name unlists it during the write; abandoning that write (Ctrl-C,
+    on_exception="abandon") must list the untouched previous file again."""
+    with asyncckpt.Checkpointer(ckpt_dir) as ckpt:
+        ckpt.save({"t": torch.ones(100_000)}, step=1).wait()
+    storage = GatedStorage(ckpt_dir, hold=True)
+    with pytest.raises(RuntimeError, match="boom"):
+        with asyncckpt.Checkpointer(storage, on_exception="abandon") as ckpt:
+            handle = ckpt.save({"t": torch.zeros(100_000)}, step=1)  # step_1.pt again
+            assert storage.entered.wait(timeout=60)
+            raise RuntimeError("boom")
+    assert handle.status == "cancelled"
+    assert [c.name for c in asyncckpt.checkpoints(ckpt_dir)] == ["step_1.pt"]
+    assert torch.equal(asyncckpt.load(ckpt_dir)["t"], torch.ones(100_000))
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="per-thread nice is Linux's")
 @pytest.mark.parametrize("writer_nice", [0, 10, 19])
 def test_checkpoints_are_written_by_a_lower_priority_thread(ckpt_dir, writer_nice):
