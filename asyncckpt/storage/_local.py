@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import builtins
 import concurrent.futures
+import contextlib
 import ctypes
 import errno
 import logging
@@ -125,6 +126,9 @@ class _LocalBlockingWrite(BlockingWrite):
                 if exc.errno != errno.EINVAL:
                     raise
                 self._no_direct(exc)
+                # Linux creates the file before refusing O_DIRECT: O_EXCL would now fail.
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(self._tmp)
         if self._fd is None:
             self._fd = os.open(self._tmp, flags, 0o644)
         self._staging, self._shared = storage._staging_for(self._direct)
