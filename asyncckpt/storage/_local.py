@@ -203,17 +203,23 @@ class _LocalBlockingWrite(BlockingWrite):
         self._wait(self._current)
 
     def _direct_write(self, fd: int, chunk: memoryview) -> None:
-        try:
-            _write_all(fd, chunk)
-        except OSError as exc:
-            if exc.errno != errno.EINVAL or not self._direct:
-                raise
-            # The filesystem accepted O_DIRECT at open but refuses the I/O: go on buffered.
-            import fcntl
+        import fcntl
 
-            fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~_O_DIRECT)
-            self._no_direct(exc)
-            _write_all(fd, chunk)
+        while chunk.nbytes:
+            try:
+                n = os.write(fd, chunk)
+            except OSError as exc:
+                flags = fcntl.fcntl(fd, fcntl.F_GETFL)
+                if exc.errno != errno.EINVAL or not flags & _O_DIRECT:
+                    raise
+                # The filesystem accepted O_DIRECT at open but refuses the I/O: go on buffered,
+                # from the first byte not yet written (a short write may have come first).
+                fcntl.fcntl(fd, fcntl.F_SETFL, flags & ~_O_DIRECT)
+                self._no_direct(exc)
+                continue
+            if n <= 0:
+                raise OSError(errno.EIO, "write returned 0 bytes")
+            chunk = chunk[n:]
 
     def _wait(self, index: int) -> None:
         future, self._inflight[index] = self._inflight[index], None
@@ -240,6 +246,8 @@ class _LocalBlockingWrite(BlockingWrite):
                     os.ftruncate(fd, self._size)  # drop the padding of the last block
             else:
                 self._flush_buffered(fd)
+            if os.fstat(fd).st_size != self._size:  # never publish a file of the wrong length
+                raise OSError(errno.EIO, f"wrote {os.fstat(fd).st_size} of {self._size} bytes")
             if self._storage.fsync:
                 os.fsync(fd)
             self._fd = None
