@@ -9,7 +9,8 @@ processes, which is why the thread is dedicated rather than one of anyio's share
 
 Cancellation: the job receives a ``threading.Event`` that is set when the awaiting task is
 cancelled; the job checks it between chunks and stops, and the task waits (shielded) until it
-has, so nothing the job cleans up is left behind.
+has, so nothing the job cleans up is left behind. A job that was already past its last check
+(committing) finishes, and its result is returned: what it did must be recorded.
 """
 
 from __future__ import annotations
@@ -50,7 +51,8 @@ class JobThread:
 
     async def run(self, job: Callable[[threading.Event], T]) -> T:
         """Run ``job(cancelled)`` in the thread; on cancellation set ``cancelled``, wait until
-        the job returned, then re-raise the cancellation."""
+        the job returned, then re-raise the cancellation -- unless the job completed anyway,
+        whose result is returned."""
         if self._executor is None:
             self._executor = concurrent.futures.ThreadPoolExecutor(
                 max_workers=1, thread_name_prefix=self._name,
@@ -64,6 +66,11 @@ class JobThread:
             cancelled.set()
             with anyio.CancelScope(shield=True):
                 await anyio.to_thread.run_sync(concurrent.futures.wait, [future])
+            if future.exception() is None:
+                # The job was past its last check and finished (its file is committed): report
+                # it, so that it is recorded. anyio's cancellation is level-triggered: the
+                # caller's next await that is not shielded is cancelled all the same.
+                return future.result()
             raise
 
     async def aclose(self) -> None:

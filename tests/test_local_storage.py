@@ -266,6 +266,10 @@ class _GatedWrite(BlockingWrite):
         self.inner.write(data)
 
     def commit(self):
+        if self.storage.hold_commit:  # cancelled while the commit (fsync, rename) runs
+            self.storage.entered.set()
+            assert self.cancelled is not None
+            assert self.cancelled.wait(timeout=60)
         return self.inner.commit()
 
     def abort(self):
@@ -273,9 +277,12 @@ class _GatedWrite(BlockingWrite):
 
 
 class GatedStorage(LocalStorage):
-    def __init__(self, *args, hold: bool = False, **kwargs) -> None:
+    """``hold``: the first write waits until the save is cancelled; ``hold_commit``: the
+    commit does. ``entered`` is set when the write is held."""
+
+    def __init__(self, *args, hold: bool = False, hold_commit: bool = False, **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        self.hold, self.entered = hold, threading.Event()
+        self.hold, self.hold_commit, self.entered = hold, hold_commit, threading.Event()
         self.nice: set[int] = set()
 
     def blocking_write(self, name, size_hint=None):
@@ -293,6 +300,21 @@ def test_abandon_cancels_a_blocking_write_and_leaves_nothing(ckpt_dir, direct_io
     assert handle.status == "cancelled"
     assert folder_files(ckpt_dir) == set()
     assert leftovers(ckpt_dir) == []
+
+
+def test_a_save_cancelled_during_its_commit_is_listed_if_the_commit_completed(ckpt_dir):
+    """Abandoning while the file is being committed: the commit finishes (it is not
+    interruptible), so the checkpoint is durable under its name, and it must be listed."""
+    storage = GatedStorage(ckpt_dir, hold_commit=True)
+    with pytest.raises(RuntimeError, match="boom"):
+        with asyncckpt.Checkpointer(storage, on_exception="abandon") as ckpt:
+            handle = ckpt.save({"t": torch.ones(100_000)}, step=1)
+            assert storage.entered.wait(timeout=60)
+            raise RuntimeError("boom")
+    assert handle.status == "committed"
+    assert [c.name for c in asyncckpt.checkpoints(ckpt_dir)] == ["step_1.pt"]
+    assert folder_files(ckpt_dir) == {"step_1.pt"}
+    assert torch.equal(asyncckpt.load(ckpt_dir)["t"], torch.ones(100_000))
 
 
 def test_an_abandoned_resave_keeps_the_committed_checkpoint_listed(ckpt_dir):
