@@ -215,6 +215,13 @@ class PendingCopy:
         except BaseException as exc:  # kept for the writer, which raises it for this save
             self.error = exc
             outcome = "failed"
+            # A failed copy (a CPU chunk, a verification) may have device copies still queued:
+            # "stopped" must mean that nothing writes the arena any more.
+            for event in self._cuda_done:
+                try:
+                    event.synchronize()
+                except BaseException:  # noqa: S110 - the first error is the one reported
+                    pass
         finally:
             with self._cond:
                 self.state = outcome

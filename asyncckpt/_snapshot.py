@@ -562,12 +562,12 @@ class SharedCopy:
 
     def run(self, helper: Executor | None) -> None:
         """Copy every piece, with ``helper``'s thread if the copy is large enough."""
-        if helper is not None and sum(n for _, _, n in self._pieces) >= _SHARE_MIN:
-            try:
-                helper.submit(self._help)
-            except RuntimeError:  # shut down: copy alone
-                pass
         try:
+            if helper is not None and sum(n for _, _, n in self._pieces) >= _SHARE_MIN:
+                try:
+                    helper.submit(self._help)
+                except RuntimeError:  # shut down: copy alone
+                    pass
             while (piece := self._claim(helper=False)) is not None:
                 ctypes.memmove(*piece)
         finally:

@@ -369,6 +369,30 @@ def test_copy_error_fails_the_save_not_the_training_step(ckpt_dir, held):
     assert ckpt.buffer_pool.in_use == 0
 
 
+def test_a_failed_copy_waits_for_its_device_copies_before_it_counts_as_stopped():
+    """A CPU chunk fails while device copies are queued: once the copy reports stopped (and
+    the writer reuses the arena), those copies must have completed."""
+    from asyncckpt._pipelined import CopyMonitor, DeferredStorage, PendingCopy
+
+    class _Event:  # stands for the torch.cuda.Event recorded after the queued device copies
+        synchronized = False
+
+        def synchronize(self) -> None:
+            self.synchronized = True
+
+    def probe(event: str, index: int) -> None:
+        if event == "chunk":
+            raise RuntimeError("the CPU chunk failed")
+
+    item = DeferredStorage(torch.zeros(64, dtype=torch.uint8),
+                           torch.empty(64, dtype=torch.uint8), "state['x']", 0)
+    device_copies = _Event()
+    pending = PendingCopy([item], [], [device_copies], CopyMonitor(probe=probe))  # type: ignore[list-item]
+    pending.run()
+    assert pending.state == "failed" and pending.stopped
+    assert device_copies.synchronized
+
+
 def test_coalescing_a_snapshot_whose_copy_is_running(wrapped, ckpt_dir, held):
     training = Training("adam")
     wrapped.gate = threading.Event()  # hold the writer inside the first checkpoint's write

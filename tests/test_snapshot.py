@@ -371,3 +371,29 @@ def test_an_interrupted_shared_copy_leaves_no_helper_writing(monkeypatch):
     assert at_raise[0] and at_raise[0] == at_raise[1]  # no piece half-copied when run() raised
     assert started == at_raise[0]  # and no piece started afterwards
     assert copy._next < len(copy._pieces)
+
+
+def test_a_shared_copy_interrupted_while_starting_its_helper_stops_it():
+    """Ctrl-C inside executor.submit(), after the helper's work was queued: the helper must
+    not go on copying into the buffer the caller gives back."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from asyncckpt._snapshot import SharedCopy
+
+    src = torch.arange(64 << 20, dtype=torch.uint8)
+    dst = torch.zeros_like(src)
+    pieces = [(dst.data_ptr() + off, src.data_ptr() + off, 8 << 20)
+              for off in range(0, src.numel(), 8 << 20)]
+    pool = ThreadPoolExecutor(1)
+
+    class _InterruptedSubmit:
+        def submit(self, fn):
+            pool.submit(fn)
+            raise KeyboardInterrupt
+
+    copy = SharedCopy(pieces)
+    with pytest.raises(KeyboardInterrupt):
+        copy.run(_InterruptedSubmit())  # type: ignore[arg-type]
+    claimed_when_raised = copy._next
+    pool.shutdown(wait=True)  # the helper ran, late
+    assert copy._next == claimed_when_raised < len(pieces)  # and found the work closed
