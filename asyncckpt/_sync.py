@@ -33,7 +33,7 @@ from ._errors import WriterClosedError
 from ._events import CheckpointInfo, CheckpointStats, Event
 from ._pool import BufferPool
 from ._snapshot import caller_streams
-from ._writer import AsyncCheckpointer, SaveHandle, SaveStatus
+from ._writer import AsyncCheckpointer, SaveHandle, SaveStatus, _Request
 from .storage import Storage
 
 __all__ = ["Checkpointer", "SyncSaveHandle"]
@@ -85,6 +85,26 @@ def _shutdown(portal_thread: _PortalThread, cm: AbstractContextManager[Any], war
         cm.__exit__(None, None, None)
     finally:
         portal_thread.stop()
+
+
+def _run_into(done: concurrent.futures.Future[T], func: Callable[..., T], *args: object) -> None:
+    """On the loop: ``func(*args)``, its outcome into ``done``."""
+    try:
+        done.set_result(func(*args))
+    except BaseException as exc:
+        done.set_exception(exc)
+
+
+async def _await_into(done: concurrent.futures.Future[T], func: Callable[..., Any],
+                      *args: object) -> None:
+    """On the loop: ``await func(*args)``, its outcome into ``done``."""
+    try:
+        done.set_result(await func(*args))
+    except Exception as exc:
+        done.set_exception(exc)
+    except BaseException as exc:  # cancelled (the portal is stopping): say so, and go on
+        done.set_exception(exc)
+        raise
 
 
 class SyncSaveHandle:
@@ -245,46 +265,64 @@ class Checkpointer:
         self._check_open()
         mode = self._core._snapshot_mode(snapshot)
         self._core._unhook()
-        request = self._on_loop(
-            partial(self._core._reserve_nowait, keep=keep, supersedes=supersedes),
-            step, epoch, metrics, name, t0,
+        core = self._core
+        reserve = partial(core._reserve_nowait, keep=keep, supersedes=supersedes)
+        request = self._reservation(  # one round trip to the loop
+            lambda done: self._loop().call_soon_threadsafe(
+                _run_into, done, reserve, step, epoch, metrics, name, t0)
         )
-        if not request.reserved and not request.handle.done():
-            request = self._portal.call(self._core._wait_for_slot, request)  # queue full: block
+        if not request.reserved and not request.handle.done():  # queue full: block
+            request = self._reservation(
+                lambda done: self._portal.start_task_soon(
+                    _await_into, done, core._wait_for_slot, request)
+            )
         if not request.reserved:
             return SyncSaveHandle(self._portal, request.handle)
         try:
-            snap = self._core._take_snapshot(state, mode, caller_streams())
+            snap = core._take_snapshot(state, mode, caller_streams())
         except BaseException:
-            self._portal.call(self._core._unreserve, request)
+            self._portal.call(core._unreserve, request)
             raise
         request.stall = time.perf_counter() - t0
+        # Guards first: once queued, a pipelined copy may run, and it must never run unguarded.
+        core._hook(snap)
         # One-way: the loop runs callbacks in order, so this is queued before anything the
         # caller asks through the portal next (wait, flush, close).
-        loop = self._thread.loop
-        if loop is None:  # pragma: no cover - set before the portal exists
-            raise RuntimeError("the writer's event loop is not running")
-        loop.call_soon_threadsafe(self._core._submit_or_cancel, request, snap)
-        self._core._hook(snap)
+        self._loop().call_soon_threadsafe(core._submit_or_cancel, request, snap)
         return SyncSaveHandle(self._portal, request.handle)
 
-    def _on_loop(self, func: Callable[..., T], *args: object) -> T:
-        """Run a plain function on the writer's loop and return its result: one wake-up of the
-        loop and one of the caller, where a portal call (which spawns a task) takes two of
-        each."""
+    def _loop(self) -> asyncio.AbstractEventLoop:
         loop = self._thread.loop
         if loop is None:  # pragma: no cover - set before the portal exists
             raise RuntimeError("the writer's event loop is not running")
-        future: concurrent.futures.Future[T] = concurrent.futures.Future()
+        return loop
 
-        def run() -> None:
+    def _reservation(
+        self, start: Callable[[concurrent.futures.Future[_Request]], object]
+    ) -> _Request:
+        """Start a reservation on the loop with ``start(done)`` and wait for ``done``.
+
+        If the caller is interrupted meanwhile (Ctrl-C while the queue is full), the slot
+        the loop hands out anyway is given back as soon as it does, instead of being lost.
+        The future exists before the loop is asked, so no interruption point escapes that.
+        """
+        done: concurrent.futures.Future[_Request] = concurrent.futures.Future()
+        try:
+            start(done)
+            return done.result()
+        except BaseException:
+            done.add_done_callback(self._give_back)
+            raise
+
+    def _give_back(self, done: concurrent.futures.Future[_Request]) -> None:
+        if done.cancelled() or done.exception() is not None:
+            return
+        request = done.result()
+        if request.reserved:
             try:
-                future.set_result(func(*args))
-            except BaseException as exc:
-                future.set_exception(exc)
-
-        loop.call_soon_threadsafe(run)
-        return future.result()
+                self._loop().call_soon_threadsafe(self._core._unreserve, request)
+            except RuntimeError:  # the loop is closed: the checkpointer is gone with its slots
+                pass
 
     def wait_snapshot(self) -> None:
         """Block until every pipelined snapshot is completely copied.

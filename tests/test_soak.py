@@ -170,3 +170,59 @@ async def test_cancelling_a_save_mid_copy_releases_its_slot(tmp_path):
         handle = await ckpt.save(big, step=2)
         assert (await handle.committed()).step == 2
     assert [c.step for c in asyncckpt.checkpoints(tmp_path)] == [2]
+
+
+def _ctrl_c_on_the_loop(monkeypatch, core, method):
+    """Patch ``core.<method>`` so that, when the writer's loop runs it, the training thread
+    gets a real SIGINT (it is then blocked waiting for that very call)."""
+    main = threading.main_thread().ident
+    # Python's handler even when SIGINT was inherited ignored; the caller restores ``previous``
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    original = getattr(core, method)
+    fired = threading.Event()
+
+    def interrupt() -> None:
+        if not fired.is_set():
+            fired.set()
+            signal.pthread_kill(main, signal.SIGINT)
+
+    if method == "_wait_for_slot":
+        async def patched(*args, **kwargs):
+            interrupt()
+            return await original(*args, **kwargs)
+    else:
+        def patched(*args, **kwargs):  # type: ignore[misc]
+            interrupt()
+            return original(*args, **kwargs)
+
+    monkeypatch.setattr(core, method, patched)
+    return fired, previous
+
+
+@pytest.mark.parametrize("where", ["_reserve_nowait", "_wait_for_slot"])
+def test_ctrl_c_while_save_waits_for_the_writer_loses_no_queue_slot(wrapped, monkeypatch,
+                                                                     where):
+    """Ctrl-C while save() waits on the writer's loop (the reservation round trip, or a full
+    queue with when_full='block'): the slot the loop hands out anyway is given back."""
+    state = {"w": torch.ones(1000)}
+    wrapped.gate = threading.Event()
+    with Checkpointer(wrapped, queue_size=1, when_full="block") as ckpt:
+        core = ckpt._core
+        if where == "_wait_for_slot":  # fill the queue: one save writing, one waiting
+            ckpt.save(state, step=1)
+            assert wrapped.entered.wait(timeout=60)
+            ckpt.save(state, step=2)
+        fired, previous = _ctrl_c_on_the_loop(monkeypatch, core, where)
+        try:
+            with pytest.raises(KeyboardInterrupt):
+                ckpt.save(state, step=3)
+        finally:
+            signal.signal(signal.SIGINT, previous)
+        assert fired.is_set()
+        monkeypatch.undo()
+        wrapped.gate.set()
+        ckpt.flush()
+        assert ckpt._portal.call(lambda: core._slots.value) == 2  # queue_size + 1: all free
+        assert "step_3.pt" not in core._names
+        ckpt.save(state, step=4).wait()  # and saving goes on
+    assert [c.step for c in asyncckpt.checkpoints(wrapped.inner.path)][-1] == 4
