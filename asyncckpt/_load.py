@@ -21,6 +21,7 @@ from ._index import IndexEntry, IndexState, PathKey
 from ._naming import INDEX_NAME, TMP_PREFIX
 from ._serialize import Hasher
 from .storage import Storage, storage_for
+from .storage._base import held_by_writer, writer_loop_of
 
 __all__ = ["Problem", "VerifyReport", "checkpoints", "load", "run_sync", "verify"]
 
@@ -28,15 +29,26 @@ logger = logging.getLogger("asyncckpt")
 T = TypeVar("T")
 
 
-def run_sync(fn: Callable[[], Awaitable[T]]) -> T:
+def run_sync(fn: Callable[[], Awaitable[T]], source: object = None) -> T:
     """Run an async function from sync code, also when this thread already runs an event loop
-    (Jupyter, an async caller): then it runs on a short-lived helper thread."""
+    (Jupyter, an async caller): then it runs on a short-lived helper thread. Reading through
+    the storage object of an open checkpointer running in another thread (``ckpt.storage``)
+    runs on that checkpointer's loop, where the storage's client sessions live."""
     try:
-        asyncio.get_running_loop()
+        running: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
     except RuntimeError:
+        running = None
+    writer = writer_loop_of(source) if isinstance(source, Storage) else None
+    if writer is not None and writer is not running and writer.is_running():
+        return asyncio.run_coroutine_threadsafe(_as_coroutine(fn), writer).result()
+    if running is None:
         return anyio.run(fn)
     with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="asyncckpt-load") as pool:
         return pool.submit(anyio.run, fn).result()
+
+
+async def _as_coroutine(fn: Callable[[], Awaitable[T]]) -> T:
+    return await fn()
 
 
 def _describe(source: str | os.PathLike[str] | Storage) -> str:
@@ -57,6 +69,23 @@ class _Target:
     storage: Storage
     index: IndexState | None
     name: str | None  # set when the source named a single file
+    opened: bool = True  # False: an open checkpointer's storage, used as it is
+
+    async def close(self) -> None:
+        await _close_reader(self.storage, self.opened)
+
+
+async def _open_reader(storage: Storage) -> bool:
+    """Open ``storage`` to read; False (nothing to close) when an open checkpointer holds it."""
+    if held_by_writer(storage):
+        return False
+    await storage.open(writer=False)
+    return True
+
+
+async def _close_reader(storage: Storage, opened: bool) -> None:
+    if opened and not held_by_writer(storage):
+        await storage.aclose()
 
 
 async def _read_index(storage: Storage) -> IndexState | None:
@@ -69,16 +98,16 @@ async def _read_index(storage: Storage) -> IndexState | None:
 
 async def _open_target(source: Any, storage_options: Mapping[str, Any] | None) -> _Target:
     storage = storage_for(source, storage_options=storage_options)
-    await storage.open(writer=False)
+    opened = await _open_reader(storage)
     try:
         index = await _read_index(storage)
     except BaseException:
         with anyio.CancelScope(shield=True):
-            await storage.aclose()  # remote storages hold a client session
+            await _close_reader(storage, opened)  # remote storages hold a client session
         raise
     if index is not None or isinstance(source, Storage):
-        return _Target(storage, index, None)
-    await storage.aclose()
+        return _Target(storage, index, None, opened)
+    await _close_reader(storage, opened)
     # Not a checkpoint folder: maybe a single checkpoint file inside one.
     parent, name = _split(_describe(source))
     folder = storage_for(parent, storage_options=storage_options)
@@ -213,9 +242,9 @@ def checkpoints(
                 for e in target.index.entries
             ]
         finally:
-            await target.storage.aclose()
+            await target.close()
 
-    return run_sync(run)
+    return run_sync(run, source)
 
 
 def load(
@@ -316,9 +345,9 @@ def load(
                 f"{exc.filename or _describe(source)} is listed but missing"
             ) from exc
         finally:
-            await target.storage.aclose()
+            await target.close()
 
-    where, entry = run_sync(fetch)
+    where, entry = run_sync(fetch, source)
     fileobj: Any = io.BytesIO(where) if isinstance(where, bytes) else where
     state = torch.load(fileobj, map_location=map_location, weights_only=weights_only)
     if entry is not None:
@@ -386,7 +415,7 @@ def verify(
 
     async def run() -> VerifyReport:
         storage = storage_for(source, storage_options=storage_options)
-        await storage.open(writer=False)
+        opened = await _open_reader(storage)
         try:
             names = await storage.list()
             leftovers = tuple(n for n in names if n.startswith(TMP_PREFIX))
@@ -424,6 +453,6 @@ def verify(
             checked = tuple(e.name for e in index.entries)
             return VerifyReport(storage.uri, checked, tuple(problems), leftovers)
         finally:
-            await storage.aclose()
+            await _close_reader(storage, opened)
 
-    return run_sync(run)
+    return run_sync(run, source)

@@ -73,6 +73,7 @@ from ._retention import Retention
 from ._serialize import Hasher, serialize
 from ._snapshot import CudaCopier, Snapshot, caller_streams, plan_snapshot, take_snapshot
 from .storage import BlockingWrite, Storage, storage_for
+from .storage._base import hold_for_writer
 
 __all__ = ["AsyncCheckpointer", "SaveHandle", "SaveStatus"]
 
@@ -422,6 +423,7 @@ class AsyncCheckpointer:
         self._lifecycle = "open"
         try:
             await self._storage.open(writer=True)
+            hold_for_writer(self._storage, True)
             index = await self._read_index()
             if index is None:  # a new folder: make it recognizable (and listable) at once
                 index = IndexState()
@@ -443,6 +445,7 @@ class AsyncCheckpointer:
             await self._tg.__aenter__()
         except BaseException:
             self._lifecycle = "closed"
+            hold_for_writer(self._storage, False)
             with anyio.CancelScope(shield=True):
                 await self._storage.aclose()
             raise
@@ -1080,6 +1083,7 @@ class AsyncCheckpointer:
                 finally:
                     self._pool.close()
                     await self._jobs.aclose()
+                    hold_for_writer(self._storage, False)
                     await self._storage.aclose()
                     self._lifecycle = "closed"
         self._raise_pending()

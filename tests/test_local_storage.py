@@ -426,3 +426,20 @@ def test_direct_io_is_the_default_and_small_files_skip_it(ckpt_dir):
     assert storage.blocking_write("big.pt", size_hint=8 << 20)._want_direct is True
     buffered = LocalStorage(ckpt_dir, direct_io=False)
     assert buffered.blocking_write("x", 8 << 20)._want_direct is False
+
+
+def test_reading_through_an_open_checkpointers_storage_leaves_it_locked(ckpt_dir):
+    """load() / checkpoints() / verify() given the writer's own storage object use it as it
+    is: they must not close it (which would release the folder lock and the staging buffers)."""
+    storage = LocalStorage(ckpt_dir, direct_io=True, chunk_size=4096)
+    with asyncckpt.Checkpointer(storage) as ckpt:
+        ckpt.save({"t": torch.ones(10_000)}, step=1).wait()
+        assert [c.step for c in asyncckpt.checkpoints(storage)] == [1]
+        assert torch.equal(asyncckpt.load(storage)["t"], torch.ones(10_000))
+        assert asyncckpt.verify(storage).ok
+        with pytest.raises(asyncckpt.CheckpointError, match="already open by another writer"):
+            asyncckpt.Checkpointer(ckpt_dir)  # the folder is still locked by the first writer
+        ckpt.save({"t": torch.zeros(10_000)}, step=2).wait()  # and it still writes
+    assert storage._lock_fd is None  # closing the checkpointer released it
+    assert [c.step for c in asyncckpt.checkpoints(storage)] == [1, 2]  # now opened and closed
+    assert storage._lock_fd is None

@@ -482,3 +482,17 @@ def test_soak_mixed_transient_faults(s3_uri: str, fault_proxy: FaultProxy) -> No
     fault_proxy.reset_plan()
     assert tensors_equal(asyncckpt.load(s3_uri, 23, storage_options=opts), small_state(23))
     assert tensors_equal(asyncckpt.load(s3_uri, 24, storage_options=opts), big_state(24.0))
+
+
+def test_reading_through_an_open_checkpointers_s3_storage(s3_uri: str,
+                                                          s3_options: dict[str, Any]) -> None:
+    """checkpoints() / load() / verify() given ckpt.storage while the checkpointer is open: they
+    run on the writer's loop (the client session lives there) and leave the session open."""
+    storage = S3Storage(s3_uri, **s3_options)
+    with asyncckpt.Checkpointer(storage) as ckpt:
+        ckpt.save(small_state(1.0), step=1).wait()
+        assert [c.step for c in asyncckpt.checkpoints(storage)] == [1]
+        assert tensors_equal(asyncckpt.load(storage), small_state(1.0))
+        assert asyncckpt.verify(storage).ok
+        ckpt.save(small_state(2.0), step=2).wait()  # the writer's session still works
+    assert [c.step for c in asyncckpt.checkpoints(s3_uri, storage_options=s3_options)] == [1, 2]

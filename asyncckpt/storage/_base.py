@@ -17,13 +17,16 @@ thread so that no chunk crosses threads (``blocking_write(name, size_hint)`` ret
     w.write(view) ... w.commit()         in one worker thread; or w.abort() on any failure
 
 Readers (``asyncckpt.load``, ``asyncckpt.checkpoints``) call ``open(writer=False)``, then
-``read_bytes`` / ``read_stream`` / ``list``. ``cleanup_temporaries`` removes what a crashed writer
-left in flight. Errors are raised as :class:`~asyncckpt.StorageError` (or
-:class:`~asyncckpt.TransientStorageError` when a retry may succeed), chaining the backend's own.
+``read_bytes`` / ``read_stream`` / ``list``, then ``aclose()`` -- except on a storage object an
+open checkpointer writes through (:func:`held_by_writer`), which they use as it is and leave
+open. ``cleanup_temporaries`` removes what a crashed writer left in flight. Errors are raised as
+:class:`~asyncckpt.StorageError` (or :class:`~asyncckpt.TransientStorageError` when a retry may
+succeed), chaining the backend's own.
 """
 
 from __future__ import annotations
 
+import asyncio
 import builtins
 import threading
 from abc import ABC, abstractmethod
@@ -37,6 +40,40 @@ from .._naming import TMP_PREFIX
 __all__ = ["BlockingWrite", "Buffer", "Storage"]
 
 Buffer = Any  # bytes, bytearray or memoryview: anything with the buffer protocol
+
+# id -> (storage object an open checkpointer writes through, the event loop it runs on)
+_held: dict[int, tuple[object, asyncio.AbstractEventLoop | None]] = {}
+_held_lock = threading.Lock()
+
+
+def hold_for_writer(storage: Storage, held: bool) -> None:
+    """Record that an open checkpointer writes through ``storage`` (or no longer does); call
+    it on the writer's event loop."""
+    with _held_lock:
+        if held:
+            try:
+                loop: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+            except RuntimeError:  # pragma: no cover - the writer calls it on its loop
+                loop = None
+            _held[id(storage)] = (storage, loop)
+        elif id(storage) in _held and _held[id(storage)][0] is storage:
+            del _held[id(storage)]
+
+
+def held_by_writer(storage: Storage) -> bool:
+    """Whether an open checkpointer writes through this very object (a reader given it must
+    not close it: that would release the writer's folder lock and buffers)."""
+    with _held_lock:
+        entry = _held.get(id(storage))
+        return entry is not None and entry[0] is storage
+
+
+def writer_loop_of(storage: Storage) -> asyncio.AbstractEventLoop | None:
+    """The event loop of the open checkpointer that writes through ``storage``, if any (its
+    client sessions belong to that loop)."""
+    with _held_lock:
+        entry = _held.get(id(storage))
+        return entry[1] if entry is not None and entry[0] is storage else None
 
 
 async def _once(data: Buffer) -> AsyncIterator[Buffer]:
