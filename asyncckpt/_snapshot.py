@@ -494,8 +494,13 @@ def take_snapshot(
                              arena.pinned, helper)
         else:
             _copy_now(plan, dsts, eager, copier, streams, arena.pinned, helper)
-        for tc in plan.tensors:
-            tc.dst.set_(dsts[tc.storage], tc.storage_offset, tc.size, tc.stride)
+        try:
+            for tc in plan.tensors:
+                tc.dst.set_(dsts[tc.storage], tc.storage_offset, tc.size, tc.stride)
+        except BaseException:  # (Ctrl-C): the caller gives the arena back when this raises
+            if pending is not None:
+                pending.cancel()  # a copy never started: returns once queued device copies did
+            raise
     locations = {
         dst._cdata: spec.location
         for spec, dst in zip(plan.storages, dsts, strict=True)
@@ -600,9 +605,40 @@ def _copy_now(
     by_device: dict[torch.device, list[int]] = {}
     for i in indices:
         by_device.setdefault(plan.storages[i].device, []).append(i)
+    side_streams: list[torch.cuda.Stream] = []
+    try:
+        _queue_and_copy(plan, dsts, by_device, copier, streams, pinned, helper, cuda_events,
+                        side_streams)
+    except BaseException:
+        # (Ctrl-C, a failed copy): the caller gives the arena back when this raises, so the
+        # device copies already queued into it must be complete first.
+        for stream in side_streams:
+            try:
+                stream.synchronize()
+            except BaseException:  # noqa: S110 - the first error is the one raised
+                pass
+        raise
+    for event in cuda_events:
+        event.synchronize()
+
+
+def _queue_and_copy(
+    plan: SnapshotPlan,
+    dsts: list[torch.UntypedStorage],
+    by_device: dict[torch.device, list[int]],
+    copier: CudaCopier,
+    streams: dict[int, torch.cuda.Stream] | None,
+    pinned: bool,
+    helper: Executor | None,
+    cuda_events: list[torch.cuda.Event],
+    side_streams: list[torch.cuda.Stream],
+) -> None:
+    """``_copy_now``'s work: queue the device copies (recording an event per device, and the
+    side streams used), copy the host ones."""
     for device, specs in by_device.items():
         if device.type == "cuda":
             stream = copier.stream(device)
+            side_streams.append(stream)
             stream.wait_stream(_stream_of(device, streams))
             with torch.cuda.stream(stream):
                 for i in specs:
@@ -628,8 +664,6 @@ def _copy_now(
                 spec = plan.storages[i]
                 if spec.nbytes:
                     _u8(dsts[i], _CPU).copy_(_u8(spec.src, device))
-    for event in cuda_events:
-        event.synchronize()
 
 
 def _defer(

@@ -397,3 +397,27 @@ def test_a_shared_copy_interrupted_while_starting_its_helper_stops_it():
     claimed_when_raised = copy._next
     pool.shutdown(wait=True)  # the helper ran, late
     assert copy._next == claimed_when_raised < len(pieces)  # and found the work closed
+
+
+def test_a_pipelined_snapshot_interrupted_after_queueing_its_copy_cancels_it():
+    """Ctrl-C after the deferred copy was set up but before take_snapshot() returned: the copy
+    is cancelled (and waited for) before the arena goes back, instead of being lost."""
+    from asyncckpt._pipelined import CopyMonitor
+
+    model = torch.nn.Linear(64, 64)
+    optim = torch.optim.Adam(model.parameters())
+    model(torch.randn(2, 64)).sum().backward()
+    optim.step()
+    plan = plan_snapshot({"model": model, "optim": optim})
+
+    class _Interrupted:
+        def set_(self, *args):
+            raise KeyboardInterrupt
+
+    plan.tensors[-1].dst = _Interrupted()  # type: ignore[assignment]
+    events: list[str] = []
+    monitor = CopyMonitor(probe=lambda event, index: events.append(event))
+    pool = BufferPool(1, pin_memory=False)
+    with pytest.raises(KeyboardInterrupt):
+        take_snapshot(plan, pool.acquire(plan.nbytes), pipelined=True, monitor=monitor)
+    assert events == ["cancel"]  # stopped before any chunk was copied into the arena
