@@ -127,32 +127,6 @@ def test_o_direct_refused_at_open_falls_back_to_the_page_cache(ckpt_dir, monkeyp
 
 
 @pytest.mark.skipif(not HAS_DIRECT, reason="no O_DIRECT on this platform")
-def test_a_short_o_direct_write_then_a_refusal_resumes_at_the_right_byte(tmp_path, monkeypatch):
-    """The buffered fallback continues after what the short O_DIRECT write already wrote."""
-    import fcntl
-
-    real_write = os.write
-    calls = []
-
-    def short_then_refuse(fd, data):
-        if fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT:
-            calls.append(len(data))
-            if len(calls) == 1:
-                return real_write(fd, memoryview(data)[:4096])  # short, aligned
-            raise OSError(errno.EINVAL, "Invalid argument")
-        return real_write(fd, data)
-
-    monkeypatch.setattr(_local.os, "write", short_then_refuse)
-    storage = LocalStorage(tmp_path, direct_io=True, chunk_size=16384)
-    data = os.urandom(5 * 16384 + 123)
-    sink = storage.blocking_write("blob")
-    sink.write(data)
-    assert sink.commit() == len(data)
-    assert len(calls) == 2  # the short write happened, then the refusal
-    assert (tmp_path / "blob").read_bytes() == data
-
-
-@pytest.mark.skipif(not HAS_DIRECT, reason="no O_DIRECT on this platform")
 def test_a_file_of_the_wrong_length_is_never_published(tmp_path, monkeypatch):
     """Defence in depth: commit() checks the file's length before the rename."""
     monkeypatch.setattr(_local.os, "ftruncate", lambda fd, size: None)  # padding stays
@@ -165,22 +139,31 @@ def test_a_file_of_the_wrong_length_is_never_published(tmp_path, monkeypatch):
 
 
 @pytest.mark.skipif(not HAS_DIRECT, reason="no O_DIRECT on this platform")
-def test_o_direct_refused_by_write_falls_back_mid_file(tmp_path, monkeypatch):
+@pytest.mark.parametrize("short_first", [False, True])
+def test_o_direct_refused_by_write_falls_back_mid_file(tmp_path, monkeypatch, short_first):
+    """The filesystem accepts O_DIRECT at open but refuses the writes (EINVAL): the file is
+    finished through the page cache, from the first byte not yet written (a short O_DIRECT
+    write may have come first)."""
     import fcntl
 
     real_write = os.write
+    direct_calls = []
 
     def refusing(fd, data):
         if fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT:
+            direct_calls.append(len(data))
+            if short_first and len(direct_calls) == 1:
+                return real_write(fd, memoryview(data)[:4096])  # short, aligned
             raise OSError(errno.EINVAL, "Invalid argument")
         return real_write(fd, data)
 
     monkeypatch.setattr(_local.os, "write", refusing)
-    storage = LocalStorage(tmp_path, direct_io=True, chunk_size=4096)
-    data = os.urandom(5 * 4096 + 123)
+    storage = LocalStorage(tmp_path, direct_io=True, chunk_size=16384)
+    data = os.urandom(5 * 16384 + 123)
     writer = storage.blocking_write("blob")
     writer.write(data)
     assert writer.commit() == len(data)
+    assert len(direct_calls) == (2 if short_first else 1)
     assert (tmp_path / "blob").read_bytes() == data
     assert storage._direct_ok is False
 
