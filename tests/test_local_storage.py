@@ -272,14 +272,21 @@ class GatedStorage(LocalStorage):
         return _GatedWrite(super().blocking_write(name, size_hint), self)
 
 
+def _abandon_while_held(storage: GatedStorage, state: dict) -> asyncckpt.SyncSaveHandle:
+    """Save ``state`` as step 1, and leave the ``with`` block by an exception (on_exception=
+    "abandon") while the storage holds the write."""
+    with pytest.raises(RuntimeError, match="boom"):
+        with asyncckpt.Checkpointer(storage, on_exception="abandon") as ckpt:
+            handle = ckpt.save(state, step=1)
+            assert storage.entered.wait(timeout=60)
+            raise RuntimeError("boom")
+    return handle
+
+
 @pytest.mark.parametrize("direct_io", [False, True])
 def test_abandon_cancels_a_blocking_write_and_leaves_nothing(ckpt_dir, direct_io):
     storage = GatedStorage(ckpt_dir, direct_io=direct_io, hold=True)
-    with pytest.raises(RuntimeError, match="boom"):
-        with asyncckpt.Checkpointer(storage, on_exception="abandon") as ckpt:
-            handle = ckpt.save({"t": torch.randn(100_000)}, step=1)
-            assert storage.entered.wait(timeout=60)
-            raise RuntimeError("boom")
+    handle = _abandon_while_held(storage, {"t": torch.randn(100_000)})
     assert handle.status == "cancelled"
     assert folder_files(ckpt_dir) == set()
     assert leftovers(ckpt_dir) == []
@@ -289,11 +296,7 @@ def test_a_save_cancelled_during_its_commit_is_listed_if_the_commit_completed(ck
     """Abandoning while the file is being committed: the commit finishes (it is not
     interruptible), so the checkpoint is durable under its name, and it must be listed."""
     storage = GatedStorage(ckpt_dir, hold_commit=True)
-    with pytest.raises(RuntimeError, match="boom"):
-        with asyncckpt.Checkpointer(storage, on_exception="abandon") as ckpt:
-            handle = ckpt.save({"t": torch.ones(100_000)}, step=1)
-            assert storage.entered.wait(timeout=60)
-            raise RuntimeError("boom")
+    handle = _abandon_while_held(storage, {"t": torch.ones(100_000)})
     assert handle.status == "committed"
     assert [c.name for c in asyncckpt.checkpoints(ckpt_dir)] == ["step_1.pt"]
     assert folder_files(ckpt_dir) == {"step_1.pt"}
@@ -306,11 +309,7 @@ def test_an_abandoned_resave_keeps_the_committed_checkpoint_listed(ckpt_dir):
     with asyncckpt.Checkpointer(ckpt_dir) as ckpt:
         ckpt.save({"t": torch.ones(100_000)}, step=1).wait()
     storage = GatedStorage(ckpt_dir, hold=True)
-    with pytest.raises(RuntimeError, match="boom"):
-        with asyncckpt.Checkpointer(storage, on_exception="abandon") as ckpt:
-            handle = ckpt.save({"t": torch.zeros(100_000)}, step=1)  # step_1.pt again
-            assert storage.entered.wait(timeout=60)
-            raise RuntimeError("boom")
+    handle = _abandon_while_held(storage, {"t": torch.zeros(100_000)})
     assert handle.status == "cancelled"
     assert [c.name for c in asyncckpt.checkpoints(ckpt_dir)] == ["step_1.pt"]
     assert torch.equal(asyncckpt.load(ckpt_dir)["t"], torch.ones(100_000))
