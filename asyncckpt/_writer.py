@@ -792,7 +792,8 @@ class AsyncCheckpointer:
 
     async def _process(self, job: _Job) -> None:
         req = job.request
-        replaced = self._index.get(req.name)
+        prior = self._index
+        replaced = prior.get(req.name)
         try:
             if job.snapshot.pending is not None:
                 await job.snapshot.pending.finished()  # raises what the copy failed with
@@ -810,7 +811,7 @@ class AsyncCheckpointer:
             except BaseException:  # also cancelled (abandon at close, Ctrl-C): relist first
                 if replaced is not None:
                     with anyio.CancelScope(shield=True):
-                        await self._relist_if_intact(replaced)
+                        await self._relist_if_intact(replaced, prior)
                 raise
             seconds = time.perf_counter() - started
             numpy_paths = tuple(job.snapshot.numpy_paths)
@@ -973,11 +974,13 @@ class AsyncCheckpointer:
             f"storage accepted {written} of {size} bytes for {name}", self._storage.uri_of(name)
         )
 
-    async def _relist_if_intact(self, entry: IndexEntry) -> None:
-        """After a failed re-save, list the previous file again if its bytes are unchanged."""
+    async def _relist_if_intact(self, entry: IndexEntry, prior: IndexState) -> None:
+        """After a failed re-save, list the previous file again if its bytes are unchanged:
+        back to the index as it was before (``prior``: its place in the order, the best
+        pointers), not appended as if it were the newest."""
         try:
             if await self._verify(entry):
-                await self._publish(self._index.with_entry(entry, self._best))
+                await self._publish(replace(prior, pending_deletes=self._index.pending_deletes))
         except Exception as exc:  # the write failure being raised matters more
             logger.warning("could not re-list %s after a failed re-save: %s", entry.name, exc)
 

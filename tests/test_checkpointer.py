@@ -373,6 +373,25 @@ def test_failed_resave_keeps_the_previous_checkpoint_listed(wrapped, ckpt_dir):
     assert asyncckpt.load(ckpt_dir)["w"][0, 0] == 1.0
 
 
+def test_failed_resave_of_an_older_name_keeps_its_place(wrapped, ckpt_dir):
+    """The relisted file goes back where it was, not at the end: 'latest' stays the newest,
+    and rotation does not delete the newest in favour of the older file."""
+    with Checkpointer(wrapped, keep_last=2) as ckpt:
+        ckpt.save(small_state(1.0), step=1).wait()
+        ckpt.save(small_state(2.0), step=2).wait()
+        wrapped.fail_write = lambda name, attempt: (
+            OSError(errno.ENOSPC, "disk full") if name.endswith(".pt") else None
+        )
+        with pytest.raises(WriterError):
+            ckpt.save(small_state(3.0), step=1).wait()  # step_1.pt again
+        wrapped.fail_write = None
+        assert [c.step for c in ckpt.checkpoints()] == [1, 2]
+        assert ckpt.latest().step == 2
+        ckpt.save(small_state(3.0), step=3).wait()
+    assert [c.step for c in asyncckpt.checkpoints(ckpt_dir)] == [2, 3]
+    assert asyncckpt.load(ckpt_dir, 2)["w"][0, 0] == 2.0
+
+
 def test_observer_exceptions_surface(ckpt_dir):
     def bad(event: Event) -> None:
         if isinstance(event, Committed):
