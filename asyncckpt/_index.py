@@ -8,7 +8,8 @@ A small JSON document next to the checkpoints, replaced atomically after each co
                   "checksum": "xxh3_128:...", "metrics": {"acc": 0.5}, "numpy": []}, ...],
                   (optional: "encryption": "AES-GCM", "series": "CKP")
      "best": {"acc": {"mode": "greater", "value": 0.9, "name": "step_20.pt", "step": 20}},
-     "rotation": {"window_origin": 1731000000.0, "pending_deletes": ["step_0.pt"]}}
+     "rotation": {"window_origin": 1731000000.0, "pending_deletes": ["step_0.pt"],
+                  (optional: "series_origins": {"CKP": 1731000100.0})}}
 
 Entries are in commit order (oldest first); ``latest`` is always the last entry. Listing, rotation,
 best pointers and resume read this document only — never a directory listing or mtimes.
@@ -175,6 +176,8 @@ class IndexState:
     window_origin: float | None = None
     pending_deletes: tuple[str, ...] = ()
     generation: int = 0
+    #: per named series, the time its minute windows count from (fixed at its first commit)
+    series_origins: Mapping[str, float] = field(default_factory=dict)
 
     # -- queries -------------------------------------------------------------------------------
     @property
@@ -222,12 +225,18 @@ class IndexState:
             current = best.get(m.name)
             if value is not None and m.is_better(value, None if current is None else current.value):
                 best[m.name] = BestRecord(m.name, m.mode, value, entry.name, entry.step)
+        origins = state.series_origins
+        if entry.series is not None and entry.series not in origins:
+            # (an index written before origins were stored: its oldest listed entry)
+            first = next((e.time for e in state.entries if e.series == entry.series), entry.time)
+            origins = {**origins, entry.series: first}
         return replace(
             state,
             entries=state.entries + (entry,),
             best=best,
             window_origin=entry.time if state.window_origin is None else state.window_origin,
             pending_deletes=tuple(n for n in state.pending_deletes if n != entry.name),
+            series_origins=origins,
         )
 
     def superseding(
@@ -257,7 +266,8 @@ class IndexState:
 
         Entries saved with ``keep=True`` and entries of other series are left out of retention
         entirely. The default series (None) counts its minute windows from the index's
-        ``window_origin``; a named series from its oldest listed entry.
+        ``window_origin``; a named series from its own origin (``series_origins``), so that
+        removing its oldest entry never moves the windows.
 
         Victims move to ``pending_deletes``; the caller deletes their files only after publishing
         the returned state, and then calls :meth:`forget_deleted`.
@@ -266,7 +276,9 @@ class IndexState:
         victims = retention.victims(
             [e for e in self.entries if not e.keep and e.series == series],
             protected={r.name for r in self.best.values()},
-            window_origin=self.window_origin if series is None else None,
+            window_origin=(
+                self.window_origin if series is None else self.series_origins.get(series)
+            ),
         )
         if not victims:
             return self, []
@@ -290,7 +302,8 @@ class IndexState:
         """Reconcile remembered best pointers with the metrics this writer tracks.
 
         Pointers for metrics no longer tracked are dropped (their checkpoints become ordinary
-        rotation candidates). A metric tracked with the opposite rule is a conflict.
+        rotation candidates). A metric tracked from now on starts from the best checkpoint
+        already listed. A metric tracked with the opposite rule is a conflict.
 
         Raises:
             ValueError: a metric's rule differs from the one the index remembers.
@@ -307,10 +320,23 @@ class IndexState:
                     f"configured with {metric.mode!r}; use the same rule or a new folder"
                 )
             best[name] = record
+        for metric in metrics:
+            if metric.name not in best:  # newly tracked: listed checkpoints compete too
+                found = _best_among(self.entries, metric)
+                if found is not None:
+                    best[metric.name] = found
         return replace(self, best=best)
 
     # -- (de)serialization ---------------------------------------------------------------------
     def to_json(self) -> bytes:
+        rotation: dict[str, object] = {
+            "window_origin": self.window_origin,
+            "pending_deletes": list(self.pending_deletes),
+        }
+        if self.series_origins:
+            rotation["series_origins"] = {
+                k: _encode_number(v) for k, v in self.series_origins.items()
+            }
         doc = {
             "format": INDEX_FORMAT,
             "version": INDEX_VERSION,
@@ -327,10 +353,7 @@ class IndexState:
                 }
                 for k, r in self.best.items()
             },
-            "rotation": {
-                "window_origin": self.window_origin,
-                "pending_deletes": list(self.pending_deletes),
-            },
+            "rotation": rotation,
         }
         return (json.dumps(doc, indent=1, allow_nan=False) + "\n").encode("utf-8")
 
@@ -402,4 +425,15 @@ class IndexState:
         generation = doc.get("generation", 0)
         if isinstance(generation, bool) or not isinstance(generation, int):
             raise CorruptIndexError(f"{source}: 'generation' must be an int")
-        return cls(entries, best, origin, pending_names, generation)
+        raw_origins = rotation.get("series_origins", {})
+        if not isinstance(raw_origins, dict):
+            raise CorruptIndexError(f"{source}: rotation.series_origins must be an object")
+        series_origins: dict[str, float] = {}
+        for key, value in raw_origins.items():
+            where = f"{source}: rotation.series_origins[{key!r}]"
+            try:
+                check_series(key, where)
+            except (TypeError, ValueError) as exc:
+                raise CorruptIndexError(str(exc)) from None
+            series_origins[key] = _decode_number(value, where)
+        return cls(entries, best, origin, pending_names, generation, series_origins)

@@ -36,6 +36,20 @@ def test_best_and_latest_survive_a_restart(tmp_path):
     assert torch.equal(asyncckpt.load(tmp_path, "best:acc")["w"], state(4)["w"])
 
 
+def test_a_best_metric_added_on_resume_counts_the_listed_checkpoints(tmp_path):
+    """Tracking best 'acc' from a restart on: a listed checkpoint with a better recorded acc
+    is the best, and rotation keeps it."""
+    with Checkpointer(tmp_path, keep_last=3) as ckpt:  # acc recorded, not tracked
+        for step, acc in [(1, 0.2), (2, 0.9), (3, 0.3)]:
+            ckpt.save(state(step), step=step, metrics={"acc": acc})
+    with Checkpointer(tmp_path, keep_last=3, best={"acc": "greater"}) as ckpt:
+        assert ckpt.best("acc").step == 2
+        for step in (4, 5, 6):
+            ckpt.save(state(step), step=step, metrics={"acc": 0.5})
+    assert [c.step for c in asyncckpt.checkpoints(tmp_path)] == [2, 4, 5, 6]
+    assert torch.equal(asyncckpt.load(tmp_path, "best:acc")["w"], state(2)["w"])
+
+
 def test_dropping_a_best_metric_releases_its_checkpoint(tmp_path):
     with Checkpointer(tmp_path, keep_last=1, best=["acc"]) as ckpt:
         ckpt.save(state(1), step=1, metrics={"acc": 0.9})

@@ -53,6 +53,27 @@ def test_minute_windows_of_a_named_series_start_at_its_oldest_entry(ckpt_dir):
     assert folder_files(ckpt_dir) == {"old-0.pt", "new-1.pt", "new-4.pt", "new-7.pt"}
 
 
+@pytest.mark.parametrize("series", [None, "s"])
+def test_minute_windows_do_not_move_when_the_oldest_entry_goes(ckpt_dir, series):
+    """Superseding a series' oldest checkpoint must not shift its window grid (a named series
+    keeps its own origin, as the default series does)."""
+    now = [0.0]
+    with Checkpointer(ckpt_dir, keep_last=1, keep_every_n_minutes=60, series=series,
+                      clock=lambda: now[0]) as ckpt:
+        for minute in (0, 70, 125, 135):  # hour windows: 0 -> step 0, 1 -> 70, 2 -> 125
+            now[0] = minute * 60.0
+            ckpt.save(tiny(minute), step=minute).wait()
+        now[0] = 136 * 60.0
+        ckpt.save(tiny(136), step=136, supersedes=["step_0.pt"]).wait()
+    assert [c.step for c in asyncckpt.checkpoints(ckpt_dir)] == [70, 125, 136]
+    # and the origin survives a restart
+    with Checkpointer(ckpt_dir, keep_last=1, keep_every_n_minutes=60, series=series,
+                      clock=lambda: now[0]) as ckpt:
+        now[0] = 137 * 60.0
+        ckpt.save(tiny(137), step=137).wait()
+    assert [c.step for c in asyncckpt.checkpoints(ckpt_dir)] == [70, 125, 137]
+
+
 @pytest.mark.parametrize("series", ["", "a\nb", "x" * 201])
 def test_bad_series_names(ckpt_dir, series):
     with pytest.raises(ValueError, match="series"):
