@@ -8,6 +8,7 @@ and transient / permanent faults.
 from __future__ import annotations
 
 import sys
+import threading
 from typing import Any
 
 import anyio
@@ -496,3 +497,90 @@ def test_reading_through_an_open_checkpointers_s3_storage(s3_uri: str,
         assert asyncckpt.verify(storage).ok
         ckpt.save(small_state(2.0), step=2).wait()  # the writer's session still works
     assert [c.step for c in asyncckpt.checkpoints(s3_uri, storage_options=s3_options)] == [1, 2]
+
+
+@pytest.mark.parametrize("resave", [False, True])
+@pytest.mark.parametrize("method", ["complete_multipart_upload", "put_object"])
+def test_abandoning_while_s3_commits_records_what_s3_committed(
+    s3_uri: str, s3_options: dict[str, Any], monkeypatch: pytest.MonkeyPatch, method: str,
+    resave: bool
+) -> None:
+    """on_exception='abandon' (or Ctrl-C) while the commit request is in flight (S3 takes
+    seconds to complete a large upload): its answer is awaited, shielded, so the checkpoint
+    S3 now holds is listed (and a re-saved name stays listed, with its new bytes)."""
+    state = big_state if method == "complete_multipart_upload" else small_state
+    s3_options = {**s3_options, "part_size": PART}
+    with Checkpointer(s3_uri, storage_options=s3_options) as ckpt:
+        ckpt.save(state(1.0), step=1).wait()
+    storage = S3Storage(s3_uri, **s3_options)
+    name = "step_1.pt" if resave else "step_2.pt"
+    in_flight = threading.Event()
+    closing: list[anyio.Event] = []
+    real_call = storage._call
+
+    async def call(op: str, action: str, uri: str, *args: Any, **kwargs: Any) -> Any:
+        result = await real_call(op, action, uri, *args, **kwargs)
+        if op == method and uri.endswith(name):
+            in_flight.set()  # S3 has committed; its answer arrives only once we are closing
+            await closing[0].wait()
+            await anyio.lowlevel.checkpoint()  # where a cancellation not shielded is raised
+        return result
+
+    monkeypatch.setattr(storage, "_call", call)
+    with pytest.raises(RuntimeError, match="boom"):
+        with Checkpointer(storage, on_exception="abandon") as ckpt:
+            core = ckpt._core
+            closing.append(ckpt._portal.call(anyio.Event))
+            real_close = core._close
+
+            async def close(*, abandon: bool) -> None:
+                closing[0].set()  # _close cancels the writer before it next awaits
+                await real_close(abandon=abandon)
+
+            monkeypatch.setattr(core, "_close", close)
+            handle = ckpt.save(state(2.0), step=1 if resave else 2)
+            assert in_flight.wait(60)
+            raise RuntimeError("boom")
+    assert handle.status == "committed"
+    listed = asyncckpt.checkpoints(s3_uri, storage_options=s3_options)
+    assert [c.name for c in listed] == (["step_1.pt"] if resave else ["step_1.pt", "step_2.pt"])
+    assert tensors_equal(asyncckpt.load(s3_uri, storage_options=s3_options), state(2.0))
+
+
+def test_an_upload_whose_abort_failed_is_aborted_later(
+    s3_uri: str, s3_prefix: str, s3_client: Any, fault_proxy: FaultProxy
+) -> None:
+    """A part fails, then its abort fails too: the upload is aborted again once the endpoint
+    answers (after the next successful write), so no billed parts are left behind."""
+    opts = options(fault_proxy.endpoint, max_attempts=1)
+    budget = {"UploadPart": 1, "AbortMultipartUpload": 1}
+
+    def plan(request: Any) -> str | None:
+        if budget.get(request.operation, 0) > 0:
+            budget[request.operation] -= 1
+            return "503"
+        return None
+
+    with Checkpointer(s3_uri, storage_options=opts, retry_backoff=0.01) as ckpt:
+        fault_proxy.plan = plan
+        handle = ckpt.save(big_state(3.0), step=1)
+        assert handle.wait() is not None  # the writer's retry committed it
+        assert fault_proxy.injected["503"] == 2  # the part, then the abort
+    fault_proxy.reset_plan()
+    assert pending_uploads(s3_client, s3_prefix) == []
+    assert [c.step for c in asyncckpt.checkpoints(s3_uri, storage_options=opts)] == [1]
+
+
+def test_a_writer_without_permission_to_list_uploads_still_writes(
+    s3_uri: str, fault_proxy: FaultProxy, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A policy without s3:ListBucketMultipartUploads: cleaning up at open is skipped, with a
+    warning, instead of refusing to open."""
+    opts = options(fault_proxy.endpoint)
+    fault_proxy.plan = lambda r: "403" if r.operation == "ListMultipartUploads" else None
+    with Checkpointer(s3_uri, storage_options=opts) as ckpt:
+        ckpt.save(small_state(1.0), step=1).wait()
+    assert fault_proxy.injected["403"] >= 1
+    fault_proxy.reset_plan()
+    assert "could not look for unfinished uploads" in caplog.text
+    assert [c.step for c in asyncckpt.checkpoints(s3_uri, storage_options=opts)] == [1]

@@ -28,7 +28,7 @@ import anyio
 from .._errors import StorageError, TransientStorageError
 from .._naming import TMP_PREFIX
 from ._base import Buffer, Storage
-from ._remote import caused_by, require
+from ._remote import caused_by, commit_shielded, require
 
 __all__ = ["FsspecStorage"]
 
@@ -166,8 +166,8 @@ class FsspecStorage(Storage):
                 del payload
             else:
                 written = await self._stream_to(tmp, uri, chunks)
-            await self._call("mv_file" if self.is_async else "mv", "publish", uri, tmp,
-                             self._path(name))
+            await commit_shielded(uri, lambda: self._call(
+                "mv_file" if self.is_async else "mv", "publish", uri, tmp, self._path(name)))
         except BaseException:
             with anyio.CancelScope(shield=True):
                 try:

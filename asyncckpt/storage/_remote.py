@@ -3,9 +3,19 @@
 from __future__ import annotations
 
 import importlib
-from typing import Any
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
 
-__all__ = ["caused_by", "require"]
+import anyio
+
+from .._errors import TransientStorageError
+
+__all__ = ["COMMIT_TIMEOUT", "caused_by", "commit_shielded", "require"]
+
+T = TypeVar("T")
+
+#: seconds a commit request (S3 CompleteMultipartUpload / PutObject, an fsspec move) may take
+COMMIT_TIMEOUT = 600.0
 
 
 def require(module: str, scheme: str) -> Any:
@@ -35,3 +45,21 @@ def caused_by(exc: BaseException, types: tuple[type[BaseException], ...]) -> boo
             return True
         seen = seen.__cause__
     return False
+
+
+async def commit_shielded(uri: str, request: Callable[[], Awaitable[T]]) -> T:
+    """Run the request that makes an object visible, shielded from cancellation.
+
+    Once the server may have acted on it, the answer must be read: a cancellation (abandon
+    at close, Ctrl-C) arriving meanwhile would otherwise report a committed object as
+    cancelled -- left unlisted, or, for a re-save, the name unlisted with its old bytes gone.
+    The cancellation is delivered at the caller's next await that is not shielded.
+
+    Raises:
+        TransientStorageError: no answer within :data:`COMMIT_TIMEOUT` seconds.
+    """
+    with anyio.CancelScope(shield=True) as scope:
+        scope.deadline = anyio.current_time() + COMMIT_TIMEOUT
+        return await request()
+    raise TransientStorageError(f"cannot write {uri}: no answer to the commit within "
+                                f"{COMMIT_TIMEOUT:.0f} s", uri)

@@ -41,7 +41,7 @@ import anyio
 
 from .._errors import StorageError, TransientStorageError
 from ._base import Buffer, Storage
-from ._remote import caused_by, require
+from ._remote import caused_by, commit_shielded, require
 
 if TYPE_CHECKING:
     from s3fs import S3FileSystem
@@ -252,6 +252,7 @@ class S3Storage(Storage):
         self._fs: S3FileSystem | None = None
         self._client: Any = None
         self._parts = _PartPool()
+        self._unaborted: builtins.list[tuple[str, str]] = []  # (key, upload id) to abort again
 
     def __repr__(self) -> str:
         return f"S3Storage({self.uri!r})"
@@ -305,6 +306,14 @@ class S3Storage(Storage):
                 "(asyncckpt does not create buckets)", self.uri) from exc
 
     async def aclose(self) -> None:
+        if self._unaborted and self._fs is not None:
+            with anyio.CancelScope(shield=True) as scope:
+                scope.deadline = anyio.current_time() + _ABORT_TIMEOUT
+                await self._abort_again()
+            for key, upload_id in self._unaborted:
+                logger.error("the multipart upload %s of s3://%s/%s could not be aborted; its "
+                             "parts are billed until the next writer of %s aborts it",
+                             upload_id, self.bucket, key, self.uri)
         client, self._client, self._fs = self._client, None, None
         self._parts.clear()
         if client is not None:
@@ -415,16 +424,21 @@ class S3Storage(Storage):
                 tail = bytes(filled[:fill])
             pool.give_back(current)
             if upload_id is None:
-                await self._call("put_object", "write", uri, Bucket=self.bucket, Key=key,
-                                 Body=_body(tail))
+                await commit_shielded(uri, lambda: self._call(
+                    "put_object", "write", uri, Bucket=self.bucket, Key=key, Body=_body(tail)))
+                if self._unaborted:  # the endpoint answers again: abort what could not be
+                    await self._abort_again()
                 return total
             if tail:
                 numbered += 1
                 if numbered > MAX_PARTS:
                     raise self._too_large(uri)
                 etags[numbered] = await self._upload_part(key, upload_id, numbered, _body(tail))
-            await self._complete(key, uri, upload_id, [etags[n] for n in range(1, numbered + 1)])
+            parts, uid = [etags[n] for n in range(1, numbered + 1)], upload_id
+            await commit_shielded(uri, lambda: self._complete(key, uri, uid, parts))
             upload_id = None
+            if self._unaborted:  # the endpoint answers again: abort what could not be aborted
+                await self._abort_again()
         except BaseException:
             if upload_id is not None:
                 with anyio.CancelScope(shield=True) as scope:
@@ -515,7 +529,9 @@ class S3Storage(Storage):
                 raise
             logger.info("%s: completion retried after a lost response; the object is ours", uri)
 
-    async def _abort(self, key: str, upload_id: str) -> None:
+    async def _abort(self, key: str, upload_id: str, *, again: bool = False) -> bool:
+        """Abort an upload; False if it failed (it is then retried after the next write and
+        at close, else left to the next writer's cleanup)."""
         uri = f"s3://{self.bucket}/{key}"
         try:
             await self._call("abort_multipart_upload", "abort the upload of", uri,
@@ -524,8 +540,22 @@ class S3Storage(Storage):
             pass
         except Exception as exc:  # the error that made us abort is the one to report
             if _error_code(exc) != "NoSuchUpload":
-                logger.warning("could not abort the multipart upload of %s (the next writer "
-                               "cleans it up): %s", uri, exc)
+                if not again:
+                    logger.warning("could not abort the multipart upload of %s (retried later):"
+                                   " %s", uri, exc)
+                    self._unaborted.append((key, upload_id))
+                return False
+        return True
+
+    async def _abort_again(self) -> None:
+        pending, self._unaborted = self._unaborted, []
+        for i, (key, upload_id) in enumerate(pending):
+            try:
+                if not await self._abort(key, upload_id, again=True):
+                    self._unaborted.append((key, upload_id))
+            except BaseException:  # cancelled: keep what is left for later
+                self._unaborted += pending[i:]
+                raise
 
     # -- reading ---------------------------------------------------------------------------------
     async def _get(self, name: str, **kwargs: Any) -> bytes:
@@ -592,5 +622,10 @@ class S3Storage(Storage):
         Safe only because one writer per prefix is assumed: another live writer's upload would
         be aborted too.
         """
-        aborted = await self._abort_uploads(self._dir, exact=False)
+        try:
+            aborted = await self._abort_uploads(self._dir, exact=False)
+        except StorageError as exc:  # e.g. no s3:ListBucketMultipartUploads: write all the same
+            logger.warning("could not look for unfinished uploads under %s (they are not "
+                           "cleaned up): %s", self.uri, exc)
+            return []
         return [key[len(self._dir):] for key in aborted]
