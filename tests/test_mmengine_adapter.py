@@ -670,6 +670,63 @@ def test_with_runner_ported(tmp_path, kind):
     ]
 
 
+class _FailValidation(Hook):
+    """Raises before the ``epoch``-th validation (after that epoch's checkpoint was saved)."""
+
+    def __init__(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def before_val_epoch(self, runner: Any) -> None:
+        if runner.epoch == self.epoch:
+            raise RuntimeError("validation crashed")
+
+
+@ignore_env_warning
+def test_a_run_that_crashes_between_hook_calls_auto_resumes_from_its_newest_checkpoint(
+    tmp_path, monkeypatch
+):
+    """last_checkpoint follows the commits, not the hook calls: a run that dies right after a
+    save (here an exception in validation) still names that checkpoint, and a retry in the same
+    process resumes from it (the crashed run's writer, left open, is closed for it)."""
+    monkeypatch.delenv(ENV, raising=False)
+    crashed = build_runner(tmp_path / "exp", dict(type="AsyncCheckpointHook", interval=1),
+                           length=3, custom_hooks=[_FailValidation(epoch=2)])
+    with pytest.raises(RuntimeError, match="validation crashed"):
+        crashed.train()
+    hook = checkpoint_hook(crashed)
+    assert hook.checkpointer is not None  # mmengine calls no hook on the way out
+    hook.checkpointer.flush()  # the writer's own flush: no hook code runs on this thread
+    with open(osp.join(crashed.work_dir, "last_checkpoint")) as f:
+        assert f.read() == osp.join(crashed.work_dir, "epoch_2.pth")
+
+    retry = build_runner(tmp_path / "exp", dict(type="AsyncCheckpointHook", interval=1),
+                         length=3, resume=True)
+    with captured_logs(retry.logger) as logs:
+        retry.train()
+    assert any(line.startswith("Auto resumed") and line.endswith("epoch_2.pth.")
+               for line in logs)
+    assert hook.checkpointer is None  # closed by the retry
+    assert [c.name for c in asyncckpt.checkpoints(crashed.work_dir)] == [
+        "epoch_1.pth", "epoch_2.pth", "epoch_3.pth"
+    ]
+
+
+def test_validation_after_training_saves_a_new_best(tmp_path):
+    """runner.val() after runner.train(): after_run closed the writer, and an improving metric
+    saves its best file again (as CheckpointHook does) instead of failing."""
+    runner = build_runner(tmp_path / "exp", dict(type="AsyncCheckpointHook", interval=1,
+                                                 save_best="test/acc", rule="less"),
+                          length=4)
+    runner.train()  # acc per evaluation: .75, 1, .75, .5 -- the least at epoch 4
+    hook = checkpoint_hook(runner)
+    assert runner.message_hub.get_info("best_score") == 0.5
+    runner.val()  # the 5th evaluation: .25, the least yet
+    hook.close()
+    assert runner.message_hub.get_info("best_score") == 0.25
+    best = asyncckpt.load(runner.work_dir, "best_test_acc_epoch_4.pth")
+    assert best["message_hub"]["runtime_info"]["best_score"] == 0.25
+
+
 def test_evaluation_outside_training_saves_nothing(tmp_path):
     """runner.val() runs after_val_epoch without before_train; CheckpointHook would crash."""
     hook = AsyncCheckpointHook(save_best="test/acc", out_dir=str(tmp_path / "out"))

@@ -26,8 +26,10 @@ import logging
 import os
 import os.path as osp
 import pickle
+import threading
 import time
 import warnings
+import weakref
 from collections import deque
 from math import inf
 from pathlib import Path
@@ -42,6 +44,7 @@ from mmengine.optim import OptimWrapper
 from mmengine.utils import get_git_hash
 
 from .._config import DEFAULT_GREATER_KEYS, DEFAULT_LESS_KEYS, CheckpointerConfig, Mode
+from .._events import Committed, Event
 from .._load import load
 from .._naming import LAST_CHECKPOINT_NAME
 from .._sync import Checkpointer, SyncSaveHandle
@@ -221,6 +224,7 @@ class AsyncCheckpointHook(Hook):
         self._work_dir: str | None = None
         self._committed = CommitTracker[str]()
         self._pointer: str | None = None  # what last_checkpoint names now
+        self._pointer_lock = threading.Lock()  # the writer's thread updates it too
         self._pending_removals: list[str] = []  # rotation victims left from a resumed run
         self._meta_cache: dict[str, Any] | None = None
         register_safe_globals()  # so that Runner(resume=True) can read our checkpoints
@@ -603,16 +607,29 @@ class AsyncCheckpointHook(Hook):
 
     def _open(self) -> Checkpointer:
         if self._ckpt is None:
-            if self._storage is None:
-                self._folder()  # raises: before_train() was not called
-                raise RuntimeError("AsyncCheckpointHook has no storage")  # pragma: no cover
+            folder = self._folder()  # raises: before_train() was not called
+            if self._storage is None:  # after_run closed it; runner.val() may save a best file
+                self._storage = storage_for(folder, storage_options=self._storage_options)
+            _close_abandoned_writer(folder, self)
             self._ckpt = Checkpointer(self._storage, config=self._config)
+            self._ckpt.subscribe(self._on_event)
+            _OPEN_WRITERS[_folder_key(folder)] = weakref.ref(self)
         return self._ckpt
+
+    def _on_event(self, event: Event) -> None:
+        """On the writer's thread: ``last_checkpoint`` follows every commit, as mmengine writes
+        it right after each save -- a run that dies before its next hook call (an exception in
+        validation, a kill) must still auto-resume from its newest checkpoint."""
+        if isinstance(event, Committed):
+            self._update_pointer()
 
     def _close(self, quiet: bool = False) -> None:
         ckpt, self._ckpt, self._storage = self._ckpt, None, None
         if ckpt is None:
             return
+        key = _folder_key(self._folder())
+        if _OPEN_WRITERS.get(key, _dead)() is self:
+            del _OPEN_WRITERS[key]
         try:
             ckpt.close()
         except Exception:
@@ -635,13 +652,38 @@ class AsyncCheckpointHook(Hook):
         return rest if rest and "/" not in rest else None
 
     def _update_pointer(self) -> None:
-        """Point ``last_checkpoint`` at the newest committed regular checkpoint (main process)."""
-        if not len(self._committed) or self._work_dir is None:
-            return
-        path = self._committed.newest_committed()
-        if path is not None and path != self._pointer:
-            write_text_atomic(osp.join(self._work_dir, LAST_CHECKPOINT_NAME), path)
-            self._pointer = path
+        """Point ``last_checkpoint`` at the newest committed regular checkpoint (main process;
+        the hook's thread or the writer's)."""
+        with self._pointer_lock:
+            if not len(self._committed) or self._work_dir is None:
+                return
+            path = self._committed.newest_committed()
+            if path is not None and path != self._pointer:
+                write_text_atomic(osp.join(self._work_dir, LAST_CHECKPOINT_NAME), path)
+                self._pointer = path
+
+
+#: checkpoint folder -> the hook whose writer holds it (one writer per folder and process)
+_OPEN_WRITERS: dict[str, weakref.ref[AsyncCheckpointHook]] = {}
+
+
+def _dead() -> None:
+    return None
+
+
+def _folder_key(folder: str) -> str:
+    return folder if is_uri(folder) else osp.abspath(folder)
+
+
+def _close_abandoned_writer(folder: str, hook: AsyncCheckpointHook) -> None:
+    """A run that failed leaves its hook's writer open (mmengine calls no hook on the way out),
+    holding the folder; a new run on the folder in the same process (a notebook, a sweep that
+    retries) closes it, which also commits what it still had queued."""
+    previous = _OPEN_WRITERS.get(_folder_key(folder), _dead)()
+    if previous is not None and previous is not hook and previous._ckpt is not None:
+        logging.getLogger("asyncckpt").warning(
+            "closing the checkpoint writer an earlier run left open on %s", folder)
+        previous._close(quiet=True)
 
 
 def _numeric(metrics: dict[str, Any] | None) -> dict[str, float] | None:
