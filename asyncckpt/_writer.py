@@ -233,7 +233,10 @@ def _as_metrics(metrics: object) -> dict[str, float]:
                 ) from None
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise TypeError(f"metrics[{key!r}] must be a real number, got {type(raw).__name__}")
-        out[key] = float(value)
+        try:
+            out[key] = float(value)
+        except OverflowError:  # an int beyond float range
+            raise ValueError(f"metrics[{key!r}] is too large for a float") from None
     return out
 
 

@@ -248,6 +248,7 @@ def test_template_collisions_are_rejected_at_save_time(ckpt_dir):
         ({"step": 1, "metrics": {"acc": "high"}}, TypeError, r"metrics\['acc'\]"),
         ({"step": 1, "metrics": [("acc", 1)]}, TypeError, "mapping"),
         ({"step": 1, "metrics": {"v": torch.ones(3)}}, TypeError, "3 elements"),
+        ({"step": 1, "metrics": {"v": 10**400}}, ValueError, r"metrics\['v'\] is too large"),
         ({"step": 1, "name": "../escape.pt"}, ValueError, "path separator"),
         ({"step": 1, "name": "a\x00b"}, ValueError, "control character"),
         ({"step": 1, "name": ".hidden"}, ValueError, "reserved"),
