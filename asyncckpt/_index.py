@@ -48,6 +48,13 @@ def _encode_number(value: float) -> float | str:
     return value
 
 
+def _object(value: object, where: str) -> dict[str, Any]:
+    """A JSON object of the index document, or CorruptIndexError naming ``where``."""
+    if not isinstance(value, dict):
+        raise CorruptIndexError(f"{where} must be an object")
+    return value
+
+
 def _decode_number(value: object, where: str) -> float:
     if isinstance(value, str) and value in _NONFINITE:
         return _NONFINITE[value]
@@ -388,9 +395,7 @@ class IndexState:
         latest = doc.get("latest")
         if latest != (names[-1] if names else None):
             raise CorruptIndexError(f"{source}: 'latest' ({latest!r}) is not the newest entry")
-        raw_best = doc.get("best", {})
-        if not isinstance(raw_best, dict):
-            raise CorruptIndexError(f"{source}: 'best' must be an object")
+        raw_best = _object(doc.get("best", {}), f"{source}: 'best'")
         best: dict[str, BestRecord] = {}
         for metric, raw in raw_best.items():
             where = f"{source}: best[{metric!r}]"
@@ -405,9 +410,7 @@ class IndexState:
                 metric, raw["mode"], _decode_number(raw.get("value"), f"{where}.value"),
                 raw["name"], step,
             )
-        rotation = doc.get("rotation", {})
-        if not isinstance(rotation, dict):
-            raise CorruptIndexError(f"{source}: 'rotation' must be an object")
+        rotation = _object(doc.get("rotation", {}), f"{source}: 'rotation'")
         origin = rotation.get("window_origin")
         if origin is not None:
             origin = _decode_number(origin, f"{source}: rotation.window_origin")
@@ -425,9 +428,8 @@ class IndexState:
         generation = doc.get("generation", 0)
         if isinstance(generation, bool) or not isinstance(generation, int):
             raise CorruptIndexError(f"{source}: 'generation' must be an int")
-        raw_origins = rotation.get("series_origins", {})
-        if not isinstance(raw_origins, dict):
-            raise CorruptIndexError(f"{source}: rotation.series_origins must be an object")
+        raw_origins = _object(rotation.get("series_origins", {}),
+                              f"{source}: rotation.series_origins")
         series_origins: dict[str, float] = {}
         for key, value in raw_origins.items():
             where = f"{source}: rotation.series_origins[{key!r}]"
