@@ -628,7 +628,7 @@ class AsyncCheckpointHook(Hook):
         if ckpt is None:
             return
         key = _folder_key(self._folder())
-        if _OPEN_WRITERS.get(key, _dead)() is self:
+        if _writer_hook(key) is self:
             del _OPEN_WRITERS[key]
         try:
             ckpt.close()
@@ -667,8 +667,10 @@ class AsyncCheckpointHook(Hook):
 _OPEN_WRITERS: dict[str, weakref.ref[AsyncCheckpointHook]] = {}
 
 
-def _dead() -> None:
-    return None
+def _writer_hook(key: str) -> AsyncCheckpointHook | None:
+    """The live hook whose writer holds the folder ``key``, if any."""
+    ref = _OPEN_WRITERS.get(key)
+    return ref() if ref is not None else None
 
 
 def _folder_key(folder: str) -> str:
@@ -679,7 +681,7 @@ def _close_abandoned_writer(folder: str, hook: AsyncCheckpointHook) -> None:
     """A run that failed leaves its hook's writer open (mmengine calls no hook on the way out),
     holding the folder; a new run on the folder in the same process (a notebook, a sweep that
     retries) closes it, which also commits what it still had queued."""
-    previous = _OPEN_WRITERS.get(_folder_key(folder), _dead)()
+    previous = _writer_hook(_folder_key(folder))
     if previous is not None and previous is not hook and previous._ckpt is not None:
         logging.getLogger("asyncckpt").warning(
             "closing the checkpoint writer an earlier run left open on %s", folder)
