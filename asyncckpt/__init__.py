@@ -8,9 +8,16 @@ checkpoints and maintains latest/best pointers. Import from here (and ``asyncckp
 
 from __future__ import annotations
 
-from . import events, storage
-from ._config import BestMetric, CheckpointerConfig, infer_mode
-from ._crypto import Encryption
+# _versions first: importing it refuses a torch older than the floor, naming the release needed
+from . import _versions, events, storage  # noqa: F401
+from ._core.checkpointer import AsyncCheckpointer, SaveHandle
+from ._core.config import CheckpointerConfig
+from ._core.dist_read import load_into
+from ._core.engine import UntrackedBestWarning
+from ._core.events import CheckpointInfo, CheckpointStats
+from ._core.load import UnverifiedCheckpointWarning, checkpoints, load
+from ._core.sync import Checkpointer, SyncSaveHandle
+from ._core.verify import Problem, VerifyReport, verify
 from ._errors import (
     CheckpointError,
     CheckpointNotFoundError,
@@ -23,10 +30,8 @@ from ._errors import (
     WriterClosedError,
     WriterError,
 )
-from ._events import CheckpointInfo, CheckpointStats
-from ._load import Problem, VerifyReport, checkpoints, load, verify
-from ._sync import Checkpointer, SyncSaveHandle
-from ._writer import AsyncCheckpointer, SaveHandle
+from ._format.best import BestMetric, infer_mode
+from ._format.crypto import Encryption
 
 __version__ = "0.1.0"
 
@@ -49,6 +54,8 @@ __all__ = [
     "StorageError",
     "SyncSaveHandle",
     "TransientStorageError",
+    "UnverifiedCheckpointWarning",
+    "UntrackedBestWarning",
     "VerifyReport",
     "WriterClosedError",
     "WriterError",
@@ -57,6 +64,7 @@ __all__ = [
     "events",
     "infer_mode",
     "load",
+    "load_into",
     "storage",
     "verify",
 ]

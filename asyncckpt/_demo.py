@@ -13,10 +13,10 @@ import os
 import statistics
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from typing import Any
 
 import torch
-from tqdm import tqdm
 
 import asyncckpt
 from asyncckpt.events import Event, SnapshotTaken
@@ -28,6 +28,28 @@ def _mb(n: float) -> str:
 
 def _ms(s: float) -> str:
     return f"{s * 1e3:.1f} ms"
+
+
+def _progress(steps: int, *, show: bool) -> Any:
+    """The training steps, with a progress bar when tqdm (the ``demo`` extra) is installed."""
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return _Steps(steps)
+    return tqdm(range(1, steps + 1), disable=not show, unit="step", leave=False)
+
+
+class _Steps:
+    """``range(1, steps + 1)`` that ignores what a progress bar would show."""
+
+    def __init__(self, steps: int) -> None:
+        self._steps = steps
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(range(1, self._steps + 1))
+
+    def set_postfix(self, **_: object) -> None:
+        pass
 
 
 def _model(width: int) -> torch.nn.Module:
@@ -85,7 +107,7 @@ def run(args: argparse.Namespace) -> int:
     with asyncckpt.Checkpointer(
         args.dir, keep_last=args.keep_last, best={"loss": "less"}, observers=[on_event]
     ) as ckpt:
-        bar = tqdm(range(1, args.steps + 1), disable=args.no_progress, unit="step", leave=False)
+        bar = _progress(args.steps, show=not args.no_progress)
         for step in bar:
             x = torch.randn(256, 256)  # fresh noisy data: learnable, never memorized
             y = (x[:, :10] * 3 + torch.randn(256, 10) * 2).argmax(dim=1)

@@ -76,7 +76,18 @@ class CorruptIndexError(CheckpointError):
 
 
 class IntegrityError(CheckpointError):
-    """A checkpoint's bytes do not match the size or checksum recorded in the index."""
+    """A checkpoint's bytes do not match the size or checksum recorded in the index.
+
+    Attributes:
+        kind: ``"size"`` (the length differs), ``"checksum"`` (same length, other bytes), or
+            None when the error is about something else (a subclass, e.g. decryption).
+        uri: the file concerned, when known.
+    """
+
+    def __init__(self, message: str, kind: str | None = None, uri: str | None = None) -> None:
+        super().__init__(message)
+        self.kind = kind
+        self.uri = uri
 
 
 class DecryptionError(IntegrityError):

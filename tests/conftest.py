@@ -1,14 +1,8 @@
 from __future__ import annotations
 
-import os
-import sys
-
 import pytest
-
-sys.path.insert(0, os.path.dirname(__file__))  # tests/helpers.py
-
-from helpers import WrappedStorage  # noqa: E402
-from s3fixtures import (  # noqa: E402, F401 - fixtures for the S3 and conformance tests
+from support.helpers import WrappedStorage
+from support.s3fixtures import (  # noqa: F401 - fixtures for the S3 and conformance tests
     aws_env,
     fault_proxy,
     moto_endpoint,
@@ -18,7 +12,53 @@ from s3fixtures import (  # noqa: E402, F401 - fixtures for the S3 and conforman
     s3_uri,
 )
 
-from asyncckpt.storage import LocalStorage  # noqa: E402
+from asyncckpt.storage import LocalStorage
+
+
+@pytest.hookimpl(wrapper=True, tryfirst=True)
+def pytest_pycollect_makeitem(collector, name, obj):
+    """Give coroutine tests marked ``anyio`` back to anyio's plugin.
+
+    pytest-asyncio's auto mode claims every coroutine test and runs it on its asyncio loop,
+    whatever ``anyio_backend`` says; the asyncio-only tests keep that, the ``anyio`` ones run
+    on the event loop their ``anyio_backend`` names.
+    """
+    result = yield
+    items = result if isinstance(result, list) else [result] if result is not None else []
+    if not any(_claimed_from_anyio(item) for item in items):
+        return result
+    plain = [_as_plain_function(item) if _claimed_from_anyio(item) else item for item in items]
+    return plain if isinstance(result, list) else plain[0]
+
+
+def _claimed_from_anyio(item):
+    return (
+        isinstance(item, pytest.Function)
+        and type(item) is not pytest.Function
+        and type(item).__module__.startswith("pytest_asyncio")
+        and item.get_closest_marker("anyio") is not None
+    )
+
+
+def _as_plain_function(item):
+    plain = pytest.Function.from_parent(
+        item.parent,
+        name=item.name,
+        callspec=getattr(item, "callspec", None),
+        callobj=item.obj,
+        fixtureinfo=item._fixtureinfo,
+        keywords=item.keywords,
+        originalname=item.originalname,
+    )
+    plain.own_markers = [m for m in item.own_markers if m.name != "asyncio"]
+    return plain
+
+
+@pytest.fixture(params=["asyncio", "trio"])
+def anyio_backend(request):
+    """The event loops that tests marked ``anyio`` run on (anyio's pytest plugin): asyncckpt's
+    async front door and local storage support both."""
+    return request.param
 
 
 @pytest.fixture

@@ -17,6 +17,9 @@ upload completed remotely), so "time to durable" means the same for all of them:
 ``lightning``              Lightning's ``AsyncCheckpointIO(TorchCheckpointIO())`` (clone on the
                            caller, ``torch.save`` in a thread); durable after an ``fsync`` that
                            the benchmark adds, since Lightning does not fsync
+``lightning-asyncckpt``    Lightning's ``CheckpointIO`` interface with asyncckpt behind it
+                           (:class:`asyncckpt.adapters.lightning.AsyncCkptIO`), each save
+                           waited for with its ``flush()``
 ``thread-clone``           the naive way: ``clone()`` every tensor, ``torch.save`` + ``fsync``
                            in a background thread
 =========================  ================================================================
@@ -217,6 +220,53 @@ class Lightning(Contender):
         self._io.teardown()
 
 
+class LightningAsyncckpt(Contender):
+    """Lightning's row with asyncckpt's plugin: the same calls Lightning's Trainer makes."""
+
+    id = "lightning-asyncckpt"
+    label = "Lightning AsyncCkptIO (asyncckpt)"
+    queues = True
+
+    def unsupported(self) -> str | None:
+        if importlib.util.find_spec("lightning") is None:
+            return "lightning is not installed (pip install lightning)"
+        try:
+            self.dest.asyncckpt_storage(self.id)
+        except (ValueError, TypeError) as exc:
+            return f"asyncckpt cannot write there: {exc}"
+        return None
+
+    def open(self) -> None:
+        from asyncckpt.adapters.lightning import AsyncCkptIO
+
+        self._io = AsyncCkptIO(storage_options=self.dest.storage_options or None,
+                               wait_outside_trainer=False)
+
+    def _file(self, name: str) -> str:
+        return f"{self.id}/{name}.ckpt"
+
+    def _save(self, tree: Any, name: str, step: int, objects: dict[str, Any] | None) -> Pending:
+        self._io.save_checkpoint(tree, self.dest.path(self._file(name)))
+
+        def wait() -> int:
+            self._io.flush()
+            return self.dest.size(self._file(name))
+
+        return Pending(wait)
+
+    def cleanup(self) -> None:
+        if self._last is not None:
+            self._last.wait()
+        for name in self._names:  # through the plugin: its folder's index lists them
+            self._io.remove_checkpoint(self.dest.path(self._file(name)))
+        self._names.clear()
+
+    def close(self) -> None:
+        super().close()
+        self._io.teardown()
+        self.dest.remove(self.id)
+
+
 class Dcp(Contender):
     id = "dcp"
     label = "DCP async_save"
@@ -234,11 +284,16 @@ class Dcp(Contender):
             return "torch.distributed is not available in this build"
         if self.dest.local_root is None and importlib.util.find_spec("fsspec") is None:
             return "fsspec is not installed"
+        if self.reuse_stager:
+            try:
+                from torch.distributed.checkpoint.staging import DefaultStager  # noqa: F401
+            except ImportError:
+                return (f"needs torch >= 2.9 (DCP's DefaultStager); this is torch "
+                        f"{torch.__version__}")
         return None
 
     def open(self) -> None:
         import torch.distributed as dist
-        from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
 
         if not dist.is_initialized():
             # async_save runs collectives (or warns without a group): a gloo group of one.
@@ -248,6 +303,8 @@ class Dcp(Contender):
             self._owns_group = False
         self._stager = None
         if self.reuse_stager:
+            from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
+
             self._stager = DefaultStager(
                 StagingOptions(use_pinned_memory=torch.cuda.is_available(), use_shared_memory=False,
                                use_async_staging=False, use_non_blocking_copy=False)
@@ -265,9 +322,10 @@ class Dcp(Contender):
     def _save(self, tree: Any, name: str, step: int, objects: dict[str, Any] | None) -> Pending:
         import torch.distributed.checkpoint as dcp
 
-        response = dcp.async_save(
-            tree, storage_writer=self._writer(name), async_stager=self._stager
-        )
+        # async_stager is torch >= 2.9; without a reused stager the call is the same on every
+        # supported torch
+        stager: dict[str, Any] = {} if self._stager is None else {"async_stager": self._stager}
+        response = dcp.async_save(tree, storage_writer=self._writer(name), **stager)
         upload: Any = getattr(response, "upload_completion", response)
 
         def wait() -> int:
@@ -353,7 +411,8 @@ def contender_ids(modes: tuple[str, ...], direct_io: bool) -> list[str]:
         ids.append(f"asyncckpt-{mode}")
         if direct_io:
             ids.append(f"asyncckpt-{mode}-direct")
-    return ids + ["torch-save", "dcp", "dcp-reused-stager", "lightning", "thread-clone"]
+    return ids + ["torch-save", "dcp", "dcp-reused-stager", "lightning", "lightning-asyncckpt",
+                  "thread-clone"]
 
 
 def build_contenders(
@@ -381,7 +440,7 @@ def build_contenders(
             everything.append(Asyncckpt(dest, mode, direct_io=True, queue_size=queue_size,
                                         when_full=when_full))
     everything += [TorchSave(dest), Dcp(dest, reuse_stager=False), Dcp(dest, reuse_stager=True),
-                   Lightning(dest), ThreadClone(dest)]
+                   Lightning(dest), LightningAsyncckpt(dest), ThreadClone(dest)]
     known = {c.id for c in everything} | set(contender_ids(modes, True))
     if select is not None:
         unknown = [s for s in select if s not in known]

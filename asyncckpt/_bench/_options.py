@@ -8,7 +8,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, get_args
 
-from .._config import SnapshotMode, WhenFull
+from .._core.config import SnapshotMode, WhenFull
 
 __all__ = [
     "LAYOUTS",

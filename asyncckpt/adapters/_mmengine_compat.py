@@ -10,30 +10,43 @@
   ``HistoryBuffer`` and numpy's array globals: :func:`register_safe_globals` allowlists exactly
   those.
 * Argument parsing for ``CheckpointHook``'s constructor.
+* ``file_client`` / ``file_backend``: mmengine's own file objects for the output location, which
+  other hooks and user code read from a ``CheckpointHook``.
 """
 
 from __future__ import annotations
 
 import copyreg
+import logging
 import os
 import string
-from collections.abc import Sequence
+import warnings
+from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
 import numpy as np
 import torch
-from mmengine.logging import HistoryBuffer
+from mmengine.fileio import FileClient, get_file_backend
+from mmengine.logging import HistoryBuffer, print_log
 
-from .._config import Mode, Reducer, infer_mode
-from .._naming import validate_name
+from asyncckpt import infer_mode
+
+from .._format.best import RuleInferenceError
+from .._format.naming import validate_name
+
+Mode = Literal["greater", "less"]
+Reducer = Callable[[Any], tuple[Any, ...]]
 
 __all__ = [
     "EXTRA_TYPES",
     "HookTypeError",
     "HookValueError",
     "RuleError",
+    "check_backend_args",
     "check_filename_tmpl",
     "infer_rule",
+    "mmengine_file_backend",
+    "mmengine_file_client",
     "join_path",
     "parse_published_keys",
     "parse_rules",
@@ -146,11 +159,10 @@ def infer_rule(key: str, greater_keys: Sequence[str], less_keys: Sequence[str]) 
     """
     try:
         return infer_mode(key, greater_keys, less_keys)
-    except ValueError as exc:
-        reason = str(exc).split(": ", 1)[-1].split("; ", 1)[0]
+    except RuleInferenceError as exc:
         raise ValueError(
             f"Cannot infer the rule for key {key}, thus a specific rule must be specified: "
-            f"{reason}; pass rule='greater' or rule='less'"
+            f"{exc.reason}; pass rule='greater' or rule='less'"
         ) from None
 
 
@@ -210,6 +222,29 @@ def parse_published_keys(keys: object) -> list[str] | None:
     """``published_keys``: None, a str or a sequence of distinct str (mmengine raises a plain
     TypeError for the wrong type)."""
     return _distinct_names(keys, "published_keys", TypeError)
+
+
+def check_backend_args(file_client_args: object, backend_args: object) -> None:
+    """Both are dicts or None, not both given; ``file_client_args`` warns that it is deprecated
+    (as a log line and a ``DeprecationWarning``, like mmengine).
+
+    Raises:
+        TypeError: one is not a dict.
+        ValueError: both are given.
+    """
+    if file_client_args is not None:
+        message = (
+            '"file_client_args" will be deprecated in future. Please use "backend_args" instead'
+        )
+        print_log(message, logger="current", level=logging.WARNING)
+        warnings.warn(message, DeprecationWarning, stacklevel=3)
+        if backend_args is not None:
+            raise ValueError(
+                '"file_client_args" and "backend_args" cannot be set at the same time.'
+            )
+    for what, args in (("file_client_args", file_client_args), ("backend_args", backend_args)):
+        if args is not None and not isinstance(args, dict):
+            raise TypeError(f'"{what}" should be a dict or None, but got {type(args)}')
 
 
 def check_filename_tmpl(tmpl: object) -> str:
@@ -282,3 +317,44 @@ def storage_options_from(
             "(e.g. 's3://bucket/prefix') whose backend asyncckpt supports."
         )
     return options
+
+
+# -- mmengine's file objects ---------------------------------------------------------------------
+def _no_file_object(what: str, location: str, exc: Exception) -> AttributeError:
+    return AttributeError(
+        f"AsyncCheckpointHook.{what}: mmengine has no file backend for {location!r} here "
+        f"({type(exc).__name__}: {exc}). The hook writes its checkpoints through asyncckpt and "
+        "does not need one; read them with asyncckpt.load()."
+    )
+
+
+def mmengine_file_client(file_client_args: dict[str, Any] | None, location: str) -> Any:
+    """The ``FileClient`` mmengine's ``CheckpointHook`` makes for ``location`` (its ``out_dir``
+    before the work dir's name is appended).
+
+    Raises:
+        AttributeError: mmengine cannot make one for this location (e.g. ``s3://`` without
+            petrel_client); the message says why.
+    """
+    try:
+        return FileClient.infer_client(file_client_args, location)
+    except Exception as exc:
+        raise _no_file_object("file_client", location, exc) from exc
+
+
+def mmengine_file_backend(backend_args: dict[str, Any] | None, location: str) -> Any:
+    """The storage backend mmengine's ``CheckpointHook`` makes for ``location`` with
+    ``backend_args`` (``LocalBackend`` for a folder). Only the ``backend`` key is mmengine's:
+    the other keys are asyncckpt storage options, and ``'disk'`` is mmengine's old name for
+    ``'local'``.
+
+    Raises:
+        AttributeError: mmengine cannot make one for this location; the message says why.
+    """
+    args = None
+    if backend_args is not None and backend_args.get("backend") in _LOCAL_BACKENDS:
+        args = {"backend": "local"}
+    try:
+        return get_file_backend(location, backend_args=args)
+    except Exception as exc:
+        raise _no_file_object("file_backend", location, exc) from exc

@@ -2,13 +2,12 @@
 
 The hook decides *what* to save exactly as ``CheckpointHook`` does (intervals, ``save_begin``,
 ``save_last``, best metrics, rotation through the message hub's ``keep_ckpt_ids``) and builds
-the same checkpoint dict as ``Runner.save_checkpoint``. The save itself is a
-:class:`~asyncckpt.Checkpointer` save: the state is copied before the hook returns, the file is
-written and committed in the background. Where ``CheckpointHook`` deletes a file before the new
-one is written (rotation, the previous best), the hook passes the victim as ``supersedes=`` to the
-save that replaces it, so it is deleted only once the replacement is committed. The
-``last_checkpoint`` pointer in the work dir is updated by the training thread once the checkpoint
-it names is committed.
+the same checkpoint dict as ``Runner.save_checkpoint`` (:mod:`._mm_checkpoint`). The save itself
+is a :class:`~asyncckpt.Checkpointer` save (:mod:`._mm_writer`): the state is copied before the
+hook returns, the file is written and committed in the background. Where ``CheckpointHook``
+deletes a file before the new one is written (rotation, the previous best), the hook passes the
+victim as ``supersedes=`` to the save that replaces it, so it is deleted only once the
+replacement is committed. The ``last_checkpoint`` pointer in the work dir follows the commits.
 
 Per checkpoint::
 
@@ -16,45 +15,34 @@ Per checkpoint::
               ─ build the dict like Runner.save_checkpoint, call before_save_checkpoint hooks
               ─ Checkpointer.save(dict, name=..., keep=best, supersedes=victims)   (copy, return)
     writer    ─ serialize ─ write tmp + fsync + rename ─ index ─ delete the superseded files
-    next hook call / after_train ─ last_checkpoint := newest committed regular checkpoint
+    pointer   ─ on the commit of a regular checkpoint: last_checkpoint := it (worker thread)
 """
 
 from __future__ import annotations
 
-import hashlib
-import logging
 import os
 import os.path as osp
-import pickle
-import threading
-import time
-import warnings
-import weakref
 from collections import deque
 from math import inf
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
-import mmengine
-from mmengine.dist import is_main_process
 from mmengine.hooks import Hook
-from mmengine.logging import print_log
-from mmengine.model import is_model_wrapper
-from mmengine.optim import OptimWrapper
-from mmengine.utils import get_git_hash
 
-from .._config import DEFAULT_GREATER_KEYS, DEFAULT_LESS_KEYS, CheckpointerConfig, Mode
-from .._events import Committed, Event
-from .._load import load
-from .._naming import LAST_CHECKPOINT_NAME
-from .._sync import Checkpointer, SyncSaveHandle
-from ..storage import Storage, storage_for
+from asyncckpt import Checkpointer, CheckpointerConfig
+
+from .._format.best import DEFAULT_GREATER_KEYS, DEFAULT_LESS_KEYS
+from ._mm_checkpoint import RunMeta
+from ._mm_saving import CheckpointSaving
+from ._mm_writer import HookWriter
 from ._mmengine_compat import (
     EXTRA_TYPES,
+    Mode,
+    check_backend_args,
     check_filename_tmpl,
-    infer_rule,
-    is_uri,
     join_path,
+    mmengine_file_backend,
+    mmengine_file_client,
     parse_published_keys,
     parse_rules,
     parse_save_best,
@@ -62,7 +50,6 @@ from ._mmengine_compat import (
     register_safe_globals,
     storage_options_from,
 )
-from ._pointers import CommitTracker, write_text_atomic
 
 __all__ = ["AsyncCheckpointHook"]
 
@@ -75,7 +62,7 @@ def _check_int(value: object, name: str) -> int:
     return value
 
 
-class AsyncCheckpointHook(Hook):
+class AsyncCheckpointHook(CheckpointSaving, Hook):
     """Save checkpoints periodically, asynchronously; a drop-in for mmengine's ``CheckpointHook``.
 
     In a config, replace ``type='CheckpointHook'`` with ``type='AsyncCheckpointHook'`` and import
@@ -86,8 +73,9 @@ class AsyncCheckpointHook(Hook):
                                              max_keep_ckpts=3, save_best='auto'))
 
     The arguments are ``CheckpointHook``'s and mean the same; the files, the ``last_checkpoint``
-    pointer, the message hub entries and the log lines are the same. Differences: see the
-    README's "mmengine" section.
+    pointer, the message hub entries and the log lines are the same; ``file_client`` and
+    ``file_backend`` are mmengine's own objects for the output location. What differs (and why)
+    is listed in ``docs/mmengine.md``.
 
     Args:
         interval: the saving period in epochs (``by_epoch=True``) or iterations; -1: never
@@ -170,21 +158,7 @@ class AsyncCheckpointHook(Hook):
         self.max_keep_ckpts = _check_int(max_keep_ckpts, "max_keep_ckpts")
         self.save_last = save_last
 
-        if file_client_args is not None:
-            message = (
-                '"file_client_args" will be deprecated in future. Please use "backend_args" '
-                "instead"
-            )
-            print_log(message, logger="current", level=logging.WARNING)
-            warnings.warn(message, DeprecationWarning, stacklevel=2)
-            if backend_args is not None:
-                raise ValueError(
-                    '"file_client_args" and "backend_args" cannot be set at the same time.'
-                )
-        for what, args in (("file_client_args", file_client_args),
-                           ("backend_args", backend_args)):
-            if args is not None and not isinstance(args, dict):
-                raise TypeError(f'"{what}" should be a dict or None, but got {type(args)}')
+        check_backend_args(file_client_args, backend_args)
         self.file_client_args = file_client_args
         self.backend_args = backend_args
 
@@ -211,41 +185,32 @@ class AsyncCheckpointHook(Hook):
             raise ValueError(f"save_begin should not be less than 0, but got {save_begin}")
         self.last_ckpt: str | None = None
 
-        self._config = CheckpointerConfig(
+        self._writer = HookWriter(CheckpointerConfig(
             queue_size=queue_size,
             when_full="block",
             last_checkpoint=False,  # mmengine's pointer lives in the work dir; we write it
             extra_types=tuple(EXTRA_TYPES.items()),
             cpu_locations=True,  # as Runner.save_checkpoint's weights_to_cpu()
-        )
-        self._ckpt: Checkpointer | None = None
-        self._storage: Storage | None = None
-        self._storage_options: dict[str, Any] = {}
-        self._work_dir: str | None = None
-        self._committed = CommitTracker[str]()
-        self._pointer: str | None = None  # what last_checkpoint names now
-        self._pointer_lock = threading.Lock()  # the writer's thread updates it too
+        ))
+        self._root: str | None = None  # out_dir (or the work dir) before the basename is added
+        self._file_objects: dict[str, Any] = {}
         self._pending_removals: list[str] = []  # rotation victims left from a resumed run
-        self._meta_cache: dict[str, Any] | None = None
+        self._run_meta = RunMeta()
         register_safe_globals()  # so that Runner(resume=True) can read our checkpoints
 
     # -- the hook's stages -----------------------------------------------------------------------
     def before_train(self, runner: Any) -> None:
         """Resolve the checkpoint folder and restore best/rotation state from the message hub."""
-        location = runner.work_dir if self._out_dir_arg is None else self._out_dir_arg
+        root = runner.work_dir if self._out_dir_arg is None else self._out_dir_arg
+        location = root
         if location != runner.work_dir:
             location = join_path(location, osp.basename(runner.work_dir.rstrip(osp.sep)))
         options = storage_options_from(self.backend_args, self.file_client_args, location)
-        moved = location != self.out_dir or options != self._storage_options
-        if self._ckpt is not None and moved:
-            self._close()
-        if self._ckpt is None:
-            # Validates the location now; the folder is created at the first save.
-            self._storage = storage_for(location, storage_options=options)
+        self._writer.configure(location, options, runner.work_dir)
         self.out_dir = location
-        self._storage_options = options
-        self._work_dir = runner.work_dir
-        self._meta_cache = None
+        if root != self._root:
+            self._root, self._file_objects = root, {}
+        self._run_meta.reset()
         runner.logger.info(f"Checkpoints will be saved to {self.out_dir}.")
 
         info = runner.message_hub.runtime_info
@@ -272,7 +237,6 @@ class AsyncCheckpointHook(Hook):
         outputs: dict[str, Any] | None = None,
     ) -> None:
         """Save every ``interval`` iterations from ``save_begin``, and after the last one."""
-        self._update_pointer()
         if self.by_epoch:
             return
         if self.every_n_train_iters(runner, self.interval, self.save_begin) or (
@@ -283,7 +247,6 @@ class AsyncCheckpointHook(Hook):
 
     def after_train_epoch(self, runner: Any) -> None:
         """Save every ``interval`` epochs from ``save_begin``, and after the last one."""
-        self._update_pointer()
         if not self.by_epoch:
             return
         if self.every_n_epochs(runner, self.interval, self.save_begin) or (
@@ -294,7 +257,6 @@ class AsyncCheckpointHook(Hook):
 
     def after_val_epoch(self, runner: Any, metrics: dict[str, Any]) -> None:
         """Save the best checkpoint(s) of the evaluation's metrics."""
-        self._update_pointer()
         if len(metrics) == 0:
             runner.logger.warning(
                 "Since `metrics` is an empty dict, the behavior to save the best checkpoint "
@@ -321,7 +283,7 @@ class AsyncCheckpointHook(Hook):
                         self._publish_model(runner, str(path))
                 self.flush()
         except BaseException:
-            self._close(quiet=True)
+            self._writer.close(quiet=True)
             raise
 
     def after_run(self, runner: Any) -> None:
@@ -334,368 +296,48 @@ class AsyncCheckpointHook(Hook):
         newest one.
 
         Raises:
-            WriterError: a checkpoint could not be written.
+            WriterError: a checkpoint (or ``last_checkpoint``) could not be written.
         """
-        if self._ckpt is not None:
-            self._ckpt.flush()
-        self._update_pointer()
+        self._writer.flush()
 
     def close(self) -> None:
         """Drain the queue and release the checkpoint folder; raise writer failures."""
-        self._close()
+        self._writer.close()
 
     @property
     def checkpointer(self) -> Checkpointer | None:
         """The asyncckpt writer, once the first checkpoint was saved."""
-        return self._ckpt
+        return self._writer.checkpointer
 
-    # -- saving ----------------------------------------------------------------------------------
-    def _save_checkpoint(self, runner: Any) -> None:
-        if self.by_epoch:
-            step = runner.epoch + 1
-            meta = dict(epoch=step, iter=runner.iter)
-        else:
-            step = runner.iter + 1
-            meta = dict(epoch=runner.epoch, iter=step)
-        self._save_checkpoint_with_step(runner, step, meta)
+    @property
+    def file_client(self) -> Any:
+        """mmengine's ``FileClient`` for the output location, as ``CheckpointHook`` has it
+        (made at the first access after ``before_train``)."""
+        return self._file_object("file_client")
 
-    def _save_checkpoint_with_step(self, runner: Any, step: int, meta: dict[str, Any]) -> None:
-        victims: list[str] = []
-        if self.max_keep_ckpts > 0:
-            # A second save of the same step (after a new best) does not rotate.
-            if not (self.keep_ckpt_ids and self.keep_ckpt_ids[-1] == step):
-                if len(self.keep_ckpt_ids) == self.max_keep_ckpts:
-                    victims.append(self.filename_tmpl.format(self.keep_ckpt_ids.popleft()))
-                self.keep_ckpt_ids.append(step)
-                runner.message_hub.update_info("keep_ckpt_ids", list(self.keep_ckpt_ids))
+    @file_client.setter
+    def file_client(self, value: Any) -> None:
+        self._file_objects["file_client"] = value
 
-        filename = self.filename_tmpl.format(step)
-        self.last_ckpt = join_path(self._folder(), filename)
-        runner.message_hub.update_info("last_ckpt", self.last_ckpt)
-        handle = self._save(
-            runner,
-            filename,
-            step,
-            meta,
-            save_optimizer=self.save_optimizer,
-            save_param_scheduler=self.save_param_scheduler,
-            by_epoch=self.by_epoch,
-            supersedes=victims,
-        )
-        if handle is not None:
-            self._committed.add(handle, self.last_ckpt)
+    @property
+    def file_backend(self) -> Any:
+        """mmengine's storage backend for the output location (``LocalBackend`` for a folder;
+        the ``file_client`` when ``file_client_args`` is given), as ``CheckpointHook`` has it."""
+        return self._file_object("file_backend")
 
-    def _save_best_checkpoint(self, runner: Any, metrics: dict[str, Any]) -> None:
-        if not self.save_best:
-            return
-        if self._work_dir is None:
-            return  # evaluation outside training (runner.val()): before_train() never ran
-        if self.by_epoch:
-            cur_type, cur_time = "epoch", runner.epoch
-        else:
-            cur_type, cur_time = "iter", runner.iter
-        ckpt_filename = self.filename_tmpl.format(cur_time)
-        meta = dict(epoch=runner.epoch, iter=runner.iter)
+    @file_backend.setter
+    def file_backend(self, value: Any) -> None:
+        self._file_objects["file_backend"] = value
 
-        if "auto" in self.key_indicators:
-            key = next(iter(metrics))
-            self.key_indicators = [key]
-            if self.rules[0] is None:
-                self.rules = [infer_rule(key, self.greater_keys, self.less_keys)]
-
-        hub = runner.message_hub
-        single = len(self.key_indicators) == 1
-        best_updated = False
-        # Every rule is known now: given, inferred in __init__, or inferred for 'auto' above.
-        rules = cast(list[Mode], self.rules)
-        for key, rule in zip(self.key_indicators, rules, strict=True):
-            score = metrics[key]
-            if single:
-                score_key, ckpt_key, previous = "best_score", "best_ckpt", self.best_ckpt_path
+    def _file_object(self, what: str) -> Any:
+        if what not in self._file_objects:
+            if self._root is None:
+                raise AttributeError(f"AsyncCheckpointHook.{what} is set by before_train()")
+            if what == "file_client":
+                made = mmengine_file_client(self.file_client_args, self._root)
+            elif self.file_client_args is not None:
+                made = self.file_client
             else:
-                score_key, ckpt_key = f"best_score_{key}", f"best_ckpt_{key}"
-                previous = self.best_ckpt_path_dict.get(key)
-            best_score = hub.get_info(score_key, self.init_value_map[rule])
-            if score is None or not self._is_better(rule, score, best_score):
-                continue
-            best_updated = True
-            hub.update_info(score_key, score)
-
-            name = f"best_{key}_{ckpt_filename}".replace("/", "_")
-            path = join_path(self._folder(), name)
-            supersedes = []
-            if previous and is_main_process():
-                # Only a file in our folder is removed (once the new best is committed); a best
-                # checkpoint elsewhere (a run resumed from another work dir) is left alone.
-                previous_name = self._name_in_folder(str(previous))
-                if previous_name is not None:
-                    if previous_name != name:  # the same name is simply replaced
-                        supersedes.append(previous_name)
-                    runner.logger.info(f"The previous best checkpoint {previous} is removed")
-            if single:
-                self.best_ckpt_path = path
-            else:
-                self.best_ckpt_path_dict[key] = path
-            hub.update_info(ckpt_key, path)
-            self._save(
-                runner,
-                name,
-                cur_time,
-                dict(meta),
-                save_optimizer=False,
-                save_param_scheduler=False,
-                by_epoch=False,
-                keep=True,
-                supersedes=supersedes,
-                metrics={key: score},
-            )
-            runner.logger.info(
-                f"The best checkpoint with {score:0.4f} {key} at {cur_time} {cur_type} is "
-                f"saved to {name}."
-            )
-
-        # Save the regular checkpoint again so that the message hub it holds names the new best
-        # (a resumed run then knows which best file to replace).
-        if best_updated and self.last_ckpt is not None:
-            self._save_checkpoint_with_step(runner, cur_time, meta)
-
-    @staticmethod
-    def _is_better(rule: Mode, value: Any, best: Any) -> bool:
-        return bool(value > best) if rule == "greater" else bool(value < best)
-
-    def _save(
-        self,
-        runner: Any,
-        name: str,
-        step: int,
-        meta: dict[str, Any],
-        *,
-        save_optimizer: bool,
-        save_param_scheduler: bool,
-        by_epoch: bool,
-        keep: bool = False,
-        supersedes: list[str] = (),  # type: ignore[assignment]
-        metrics: dict[str, Any] | None = None,
-    ) -> SyncSaveHandle | None:
-        """Build the checkpoint like ``Runner.save_checkpoint`` and hand it to the writer (on the
-        main process only, as ``Runner.save_checkpoint`` is ``master_only``)."""
-        if not is_main_process():
-            return None
-        checkpoint = self._build_checkpoint(runner, meta, save_optimizer, save_param_scheduler,
-                                            by_epoch)
-        ckpt = self._open()
-        victims = [n for n in [*self._pending_removals, *supersedes] if n != name]
-        handle = ckpt.save(
-            checkpoint,
-            step=step,
-            epoch=checkpoint["meta"].get("epoch"),
-            metrics=_numeric(metrics),
-            name=name,
-            keep=keep,
-            supersedes=list(dict.fromkeys(victims)),
-        )
-        self._pending_removals.clear()
-        return handle
-
-    def _build_checkpoint(
-        self,
-        runner: Any,
-        meta: dict[str, Any],
-        save_optimizer: bool,
-        save_param_scheduler: bool,
-        by_epoch: bool,
-    ) -> dict[str, Any]:
-        """The dict ``Runner.save_checkpoint`` builds (without its ``.cpu()`` copies: the
-        snapshot copies, and records every tensor as a CPU tensor)."""
-        if by_epoch:
-            meta.setdefault("epoch", runner.epoch + 1)
-            meta.setdefault("iter", runner.iter)
-        else:
-            meta.setdefault("epoch", runner.epoch)
-            meta.setdefault("iter", runner.iter + 1)
-        run = self._run_meta(runner)
-        meta.update(  # in Runner.save_checkpoint's order
-            cfg=run["cfg"],
-            seed=run["seed"],
-            experiment_name=run["experiment_name"],
-            time=time.strftime("%Y%m%d_%H%M%S", time.localtime()),
-            mmengine_version=run["mmengine_version"],
-        )
-        if hasattr(runner.train_dataloader.dataset, "metainfo"):
-            meta.update(dataset_meta=runner.train_dataloader.dataset.metainfo)
-        model = runner.model.module if is_model_wrapper(runner.model) else runner.model
-        checkpoint: dict[str, Any] = {
-            "meta": meta,
-            "state_dict": model.state_dict(),
-            "message_hub": runner.message_hub.state_dict(),
-        }
-        if save_optimizer:
-            if not isinstance(runner.optim_wrapper, OptimWrapper):
-                raise TypeError(
-                    "runner.optim_wrapper should be an `OptimWrapper` or `OptimWrapperDict` "
-                    f"instance, but got {runner.optim_wrapper}"
-                )
-            checkpoint["optimizer"] = runner.optim_wrapper.state_dict()
-        if save_param_scheduler and runner.param_schedulers is None:
-            runner.logger.warning(
-                "`save_param_scheduler` is True but `self.param_schedulers` is None, so skip "
-                "saving parameter schedulers"
-            )
-            save_param_scheduler = False
-        if save_param_scheduler:
-            if isinstance(runner.param_schedulers, dict):
-                checkpoint["param_schedulers"] = {
-                    name: [s.state_dict() for s in schedulers]
-                    for name, schedulers in runner.param_schedulers.items()
-                }
-            else:
-                checkpoint["param_schedulers"] = [s.state_dict() for s in runner.param_schedulers]
-        runner.call_hook("before_save_checkpoint", checkpoint=checkpoint)
-        return checkpoint
-
-    def _run_meta(self, runner: Any) -> dict[str, Any]:
-        """The meta entries that stay the same for a whole run. mmengine recomputes them at every
-        save (formatting the config, running ``git``); here once per run, off the hot path."""
-        if self._meta_cache is None:
-            self._meta_cache = dict(
-                cfg=runner.cfg.pretty_text,
-                seed=runner.seed,
-                experiment_name=runner.experiment_name,
-                mmengine_version=mmengine.__version__ + get_git_hash(),
-            )
-        return self._meta_cache
-
-    def _publish_model(self, runner: Any, ckpt_path: str) -> None:
-        """Write ``<name>-<sha256[:8]>.pth`` holding only ``published_keys`` of ``ckpt_path``."""
-        if not is_main_process():
-            return
-        keys = self.published_keys or []
-        checkpoint = load(ckpt_path, storage_options=self._storage_options)
-        removed = [key for key in checkpoint if key not in keys]
-        for key in removed:
-            del checkpoint[key]
-        if removed:
-            print_log(
-                f"Key {removed} will be removed because they are not found in published_keys. "
-                f"If you want to keep them, please set `{removed}` in published_keys",
-                logger="current",
-            )
-        sha = hashlib.sha256(pickle.dumps(checkpoint)).hexdigest()
-        source = ckpt_path.rstrip("/").rsplit("/", 1)[-1] if is_uri(ckpt_path) else osp.basename(
-            ckpt_path
-        )
-        name = osp.splitext(source)[0] + f"-{sha[:8]}.pth"
-        final_path = join_path(self._folder(), name)
-        ckpt = self._open()
-        entry = next((c for c in ckpt.checkpoints() if c.name == source), None)
-        ckpt.save(
-            checkpoint,
-            step=entry.step if entry is not None else 0,
-            epoch=entry.epoch if entry is not None else None,
-            name=name,
-            keep=True,
-        )
-        print_log(f"The checkpoint ({ckpt_path}) is published to {final_path}.", logger="current")
-
-    # -- the writer and the pointer --------------------------------------------------------------
-    def _folder(self) -> str:
-        if self.out_dir is None:
-            raise RuntimeError(
-                "AsyncCheckpointHook saves during training: before_train() sets the folder"
-            )
-        return self.out_dir
-
-    def _open(self) -> Checkpointer:
-        if self._ckpt is None:
-            folder = self._folder()  # raises: before_train() was not called
-            if self._storage is None:  # after_run closed it; runner.val() may save a best file
-                self._storage = storage_for(folder, storage_options=self._storage_options)
-            _close_abandoned_writer(folder, self)
-            self._ckpt = Checkpointer(self._storage, config=self._config)
-            self._ckpt.subscribe(self._on_event)
-            _OPEN_WRITERS[_folder_key(folder)] = weakref.ref(self)
-        return self._ckpt
-
-    def _on_event(self, event: Event) -> None:
-        """On the writer's thread: ``last_checkpoint`` follows every commit, as mmengine writes
-        it right after each save -- a run that dies before its next hook call (an exception in
-        validation, a kill) must still auto-resume from its newest checkpoint."""
-        if isinstance(event, Committed):
-            self._update_pointer()
-
-    def _close(self, quiet: bool = False) -> None:
-        ckpt, self._ckpt, self._storage = self._ckpt, None, None
-        if ckpt is None:
-            return
-        key = _folder_key(self._folder())
-        if _writer_hook(key) is self:
-            del _OPEN_WRITERS[key]
-        try:
-            ckpt.close()
-        except Exception:
-            if not quiet:
-                raise
-            logging.getLogger("asyncckpt").exception("closing the checkpoint writer failed")
-        finally:
-            self._update_pointer()
-
-    def _name_in_folder(self, path: str) -> str | None:
-        """The file name of ``path`` if it lies directly in the checkpoint folder."""
-        folder = self._folder()
-        if is_uri(folder):
-            prefix = folder.rstrip("/") + "/"
-            rest = path[len(prefix):] if path.startswith(prefix) else None
-        else:
-            head, rest = osp.split(path)
-            if osp.abspath(head) != osp.abspath(folder):
-                rest = None
-        return rest if rest and "/" not in rest else None
-
-    def _update_pointer(self) -> None:
-        """Point ``last_checkpoint`` at the newest committed regular checkpoint (main process;
-        the hook's thread or the writer's)."""
-        with self._pointer_lock:
-            if not len(self._committed) or self._work_dir is None:
-                return
-            path = self._committed.newest_committed()
-            if path is not None and path != self._pointer:
-                write_text_atomic(osp.join(self._work_dir, LAST_CHECKPOINT_NAME), path)
-                self._pointer = path
-
-
-#: checkpoint folder -> the hook whose writer holds it (one writer per folder and process)
-_OPEN_WRITERS: dict[str, weakref.ref[AsyncCheckpointHook]] = {}
-
-
-def _writer_hook(key: str) -> AsyncCheckpointHook | None:
-    """The live hook whose writer holds the folder ``key``, if any."""
-    ref = _OPEN_WRITERS.get(key)
-    return ref() if ref is not None else None
-
-
-def _folder_key(folder: str) -> str:
-    return folder if is_uri(folder) else osp.abspath(folder)
-
-
-def _close_abandoned_writer(folder: str, hook: AsyncCheckpointHook) -> None:
-    """A run that failed leaves its hook's writer open (mmengine calls no hook on the way out),
-    holding the folder; a new run on the folder in the same process (a notebook, a sweep that
-    retries) closes it, which also commits what it still had queued."""
-    previous = _writer_hook(_folder_key(folder))
-    if previous is not None and previous is not hook and previous._ckpt is not None:
-        logging.getLogger("asyncckpt").warning(
-            "closing the checkpoint writer an earlier run left open on %s", folder)
-        previous._close(quiet=True)
-
-
-def _numeric(metrics: dict[str, Any] | None) -> dict[str, float] | None:
-    """The metrics the index can record (real numbers); others are left out."""
-    if not metrics:
-        return None
-    out: dict[str, float] = {}
-    for key, value in metrics.items():
-        try:
-            out[key] = float(value)
-        except (TypeError, ValueError):
-            continue
-    return out or None
+                made = mmengine_file_backend(self.backend_args, self._root)
+            self._file_objects[what] = made
+        return self._file_objects[what]

@@ -2,7 +2,7 @@
 
 For hand-written loops (or code ported from mmcv 1.x runners) that want mmcv's checkpoint layout
 (``{'meta', 'state_dict', 'optimizer'}``, ``iter_{}.pth`` files, a ``latest.pth`` link) with
-asynchronous, atomic writes::
+asynchronous, atomic writes (see ``docs/mmcv.md`` for what matches mmcv and what differs)::
 
     ckpt = MMCVCheckpointer(model, optimizer, meta=dict(exp_name="x"), keep_last=5)
     ckpt.resume("work_dir/latest.pth")              # if resuming: sets ckpt.epoch / ckpt.iter
@@ -13,40 +13,50 @@ asynchronous, atomic writes::
         ckpt.iter += 1
     ckpt.close()
 
-Needs nothing beyond asyncckpt (no mmcv, no mmengine).
+Needs nothing beyond asyncckpt (no mmcv, no mmengine); with mmcv installed, its version is
+recorded in every checkpoint's meta as mmcv does.
 """
 
 from __future__ import annotations
 
+import importlib.metadata
 import logging
 import os
-import re
+import sys
 import time
 from collections.abc import Mapping
+from functools import partial
 from types import TracebackType
 from typing import Any
 
 import torch
 from torch import nn
 
-from .._load import load
-from .._sync import Checkpointer, SyncSaveHandle
-from ..storage import Storage
-from ._pointers import CommitTracker, link_atomic
+from asyncckpt import Checkpointer, load
+from asyncckpt.storage import Storage
+
+from ._mm_state import state_dict_without_wrappers, unwrap, weights_for
+from ._pointers import PointedSaveHandle, PointerFile, close_writers, link_atomic
 
 __all__ = ["MMCVCheckpointer"]
 
 LATEST_NAME = "latest.pth"
-_WRAPPERS = (nn.DataParallel, nn.parallel.DistributedDataParallel)
-_MODULE_PREFIX = re.compile(r"^module\.")
 
 Optimizers = torch.optim.Optimizer | Mapping[str, torch.optim.Optimizer] | None
 
 
-def _unwrap(model: nn.Module) -> nn.Module:
-    while isinstance(model, _WRAPPERS):
-        model = model.module
-    return model
+def installed_mmcv_version() -> str | None:
+    """The version mmcv reports (``mmcv.__version__``) if mmcv is installed, without importing
+    it when it is not imported yet (importing mmcv 1.x is slow and warns)."""
+    module = sys.modules.get("mmcv")
+    if module is not None and isinstance(getattr(module, "__version__", None), str):
+        return str(module.__version__)
+    for distribution in ("mmcv", "mmcv-full", "mmcv-lite"):
+        try:
+            return importlib.metadata.version(distribution)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return None
 
 
 class MMCVCheckpointer:
@@ -60,12 +70,15 @@ class MMCVCheckpointer:
 
     Saving copies the state before returning and writes it in the background (one
     :class:`~asyncckpt.Checkpointer` per ``out_dir``). ``latest.pth`` is a relative symlink to the
-    newest checkpoint, replaced atomically once that checkpoint is committed (a copy where the
-    filesystem has no symlinks; nothing for non-local storage, where the folder's
-    ``last_checkpoint`` pointer names the newest checkpoint).
+    newest checkpoint, moved (atomically, by a worker thread) as soon as that checkpoint is
+    committed: ``save_checkpoint(...).wait()`` returns once it has moved, and a process that dies
+    before ``close()`` leaves it naming a complete checkpoint. Where the filesystem has no
+    symlinks it is a copy; for non-local storage there is none (the folder's ``last_checkpoint``
+    names the newest checkpoint).
 
     Args:
-        model: the model (DataParallel / DistributedDataParallel wrappers are unwrapped).
+        model: the model. Data-parallel wrappers are left out of the saved names, at the top
+            and around children (``a.weight``, not ``a.module.weight``), as mmcv does.
         optimizer: an optimizer, a dict of them, or None.
         meta: entries added to every checkpoint's meta (mmcv's ``runner.meta``).
         logger: where resume messages go (default: the ``asyncckpt`` logger).
@@ -95,8 +108,8 @@ class MMCVCheckpointer:
         self.iter = 0
         self.logger = logger or logging.getLogger("asyncckpt")
         self._options = options
-        self._writers: dict[object, Checkpointer] = {}
-        self._links: dict[object, tuple[str, CommitTracker[str]]] = {}
+        self._mmcv_version = installed_mmcv_version()
+        self._writers: dict[object, tuple[Checkpointer, PointerFile | None]] = {}
 
     # -- saving ----------------------------------------------------------------------------------
     def save_checkpoint(
@@ -106,24 +119,26 @@ class MMCVCheckpointer:
         meta: dict[str, Any] | None = None,
         save_optimizer: bool = True,
         create_symlink: bool = True,
-    ) -> SyncSaveHandle:
+    ) -> PointedSaveHandle:
         """Save ``iter_{iter + 1}.pth`` (per ``filename_tmpl``) into ``out_dir``.
 
         Args:
             out_dir: folder (or URI / :class:`~asyncckpt.storage.Storage`) to save into.
             filename_tmpl: file name template; ``{}`` receives ``iter + 1``.
             meta: extra meta entries for this checkpoint (``self.meta`` is added to them, then
-                ``epoch`` and ``iter``).
+                ``epoch``, ``iter``, ``mmcv_version`` and ``time``). The dict is copied, not
+                changed (mmcv writes these entries into it).
             save_optimizer: include the optimizer state(s).
             create_symlink: point ``latest.pth`` at this checkpoint once it is committed.
 
         Returns:
-            The save's handle (``handle.wait()`` blocks until it is durable).
+            The save's handle: ``wait()`` blocks until the checkpoint is durable and
+            ``latest.pth`` names it.
 
         Raises:
             TypeError: ``meta`` is not a dict, or the state holds something that cannot be
                 checkpointed.
-            WriterError: an earlier save failed.
+            WriterError: an earlier save, or moving ``latest.pth``, failed.
         """
         if meta is None:
             meta = {}
@@ -134,48 +149,44 @@ class MMCVCheckpointer:
             meta.update(self.meta)
         # after self.meta, so that a meta carried over from a resumed run cannot override them
         meta.update(epoch=self.epoch + 1, iter=self.iter)
-        model = _unwrap(self.model)
+        if self._mmcv_version is not None:
+            meta.update(mmcv_version=self._mmcv_version)
         meta.update(time=time.asctime())
+        model = unwrap(self.model)
         classes = getattr(model, "CLASSES", None)
         if classes is not None:
             meta.update(CLASSES=classes)
-        checkpoint: dict[str, Any] = {"meta": meta, "state_dict": model.state_dict()}
+        checkpoint: dict[str, Any] = {
+            "meta": meta,
+            "state_dict": state_dict_without_wrappers(model),
+        }
         if save_optimizer and self.optimizer is not None:
             if isinstance(self.optimizer, torch.optim.Optimizer):
                 checkpoint["optimizer"] = self.optimizer.state_dict()
             else:
                 checkpoint["optimizer"] = {k: o.state_dict() for k, o in self.optimizer.items()}
         name = filename_tmpl.format(self.iter + 1)
-        writer, key = self._writer(out_dir)
+        writer, pointer = self._writer(out_dir)
+        if pointer is not None:
+            pointer.check()
+            if create_symlink:
+                pointer.follow(name)
         handle = writer.save(checkpoint, step=self.iter + 1, epoch=self.epoch + 1, name=name)
-        if create_symlink:
-            latest = writer.storage.local_path(LATEST_NAME)
-            if latest is not None:
-                self._links.setdefault(key, (latest, CommitTracker()))[1].add(handle, name)
-        self._update_links()
-        return handle
+        return PointedSaveHandle(handle, pointer if create_symlink else None)
 
     def flush(self) -> None:
         """Block until every save is written and ``latest.pth`` names the newest; raise writer
         failures."""
-        try:
-            for writer in self._writers.values():
-                writer.flush()
-        finally:
-            self._update_links()
+        for writer, pointer in self._writers.values():
+            writer.flush()
+            if pointer is not None:
+                pointer.wait()
+                pointer.check()
 
     def close(self) -> None:
         """Drain and close every writer; raise writer failures."""
         writers, self._writers = list(self._writers.values()), {}
-        errors: list[BaseException] = []
-        for writer in writers:
-            try:
-                writer.close()
-            except Exception as exc:
-                errors.append(exc)
-        self._update_links()
-        if errors:
-            raise errors[0]
+        close_writers(writers)
 
     def __enter__(self) -> MMCVCheckpointer:
         return self
@@ -222,8 +233,8 @@ class MMCVCheckpointer:
         if os.path.islink(source):  # latest.pth: load (and verify) the file it names
             source = os.path.realpath(source)
         state = load(source, map_location=map_location)
-        weights = {_MODULE_PREFIX.sub("", k): v for k, v in state["state_dict"].items()}
-        result = _unwrap(self.model).load_state_dict(weights, strict=strict)
+        weights = weights_for(self.model, state["state_dict"])
+        result = unwrap(self.model).load_state_dict(weights, strict=strict)
         if result.missing_keys or result.unexpected_keys:
             self.logger.warning(
                 "checkpoint %s and the model differ: missing keys %s, unexpected keys %s",
@@ -246,22 +257,29 @@ class MMCVCheckpointer:
         return state
 
     # -- internals -------------------------------------------------------------------------------
-    def _writer(self, out_dir: str | os.PathLike[str] | Storage) -> tuple[Checkpointer, object]:
+    def _writer(
+        self, out_dir: str | os.PathLike[str] | Storage
+    ) -> tuple[Checkpointer, PointerFile | None]:
         if isinstance(out_dir, Storage):
             key: object = out_dir
         else:
             text = os.fspath(out_dir)
             key = text if "://" in text else os.path.abspath(text)
-        writer = self._writers.get(key)
-        if writer is None:
-            writer = self._writers[key] = Checkpointer(out_dir, **self._options)
-        return writer, key
+        entry = self._writers.get(key)
+        if entry is None:
+            # mmcv saves from the main process only: one writer, never collective
+            writer = Checkpointer(out_dir, **{"distributed": False, **self._options})
+            latest = writer.storage.local_path(LATEST_NAME)
+            pointer = None
+            if latest is not None:
+                pointer = PointerFile(partial(_link_latest, latest), LATEST_NAME)
+                writer.subscribe(pointer)
+            entry = self._writers[key] = (writer, pointer)
+        return entry
 
-    def _update_links(self) -> None:
-        for latest, tracker in self._links.values():
-            name = tracker.newest_committed()
-            if name is not None:
-                link_atomic(name, latest)
+
+def _link_latest(latest: str, name: str) -> None:
+    link_atomic(name, latest)
 
 
 def _check_optimizers(optimizer: object) -> None:

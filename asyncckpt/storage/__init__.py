@@ -15,6 +15,7 @@ from typing import Any
 
 from ._base import BlockingWrite, Buffer, Storage
 from ._fsspec import FsspecStorage
+from ._limits import NotARegularFileError, ObjectTooLargeError
 from ._local import LocalStorage
 from ._s3 import S3Storage
 
@@ -23,6 +24,8 @@ __all__ = [
     "Buffer",
     "FsspecStorage",
     "LocalStorage",
+    "NotARegularFileError",
+    "ObjectTooLargeError",
     "S3Storage",
     "Storage",
     "storage_for",

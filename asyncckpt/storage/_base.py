@@ -17,64 +17,32 @@ thread so that no chunk crosses threads (``blocking_write(name, size_hint)`` ret
     w.write(view) ... w.commit()         in one worker thread; or w.abort() on any failure
 
 Readers (``asyncckpt.load``, ``asyncckpt.checkpoints``) call ``open(writer=False)``, then
-``read_bytes`` / ``read_stream`` / ``list``, then ``aclose()`` -- except on a storage object an
-open checkpointer writes through (:func:`held_by_writer`), which they use as it is and leave
-open. ``cleanup_temporaries`` removes what a crashed writer left in flight. Errors are raised as
-:class:`~asyncckpt.StorageError` (or :class:`~asyncckpt.TransientStorageError` when a retry may
-succeed), chaining the backend's own.
+``read_bytes`` / ``read_stream`` / ``open_local`` / ``list``, then ``aclose()`` -- except on a
+storage object an open checkpointer writes through (its ``writer_token`` is set), which they
+use as it is, on that checkpointer's event loop, and leave open. A folder may come from anyone:
+readers pass ``max_bytes`` (the size the index recorded) so that no object is read past it
+(:class:`ObjectTooLargeError`), and the local backend refuses names that are not regular files
+(:class:`NotARegularFileError`: links, FIFOs, devices, directories). ``cleanup_temporaries``
+removes what a crashed writer left in flight. Errors are raised as
+:class:`~asyncckpt.StorageError` (or
+:class:`~asyncckpt.TransientStorageError` when a retry may succeed), chaining the backend's own.
 """
 
 from __future__ import annotations
 
-import asyncio
 import builtins
 import threading
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterable, AsyncIterator
-from typing import Any
+from typing import Any, BinaryIO
 
 from anyio.abc import AsyncResource
 
-from .._naming import TMP_PREFIX
+from .._format.naming import TMP_PREFIX
 
 __all__ = ["BlockingWrite", "Buffer", "Storage"]
 
 Buffer = Any  # bytes, bytearray or memoryview: anything with the buffer protocol
-
-# id -> (storage object an open checkpointer writes through, the event loop it runs on)
-_held: dict[int, tuple[object, asyncio.AbstractEventLoop | None]] = {}
-_held_lock = threading.Lock()
-
-
-def hold_for_writer(storage: Storage, held: bool) -> None:
-    """Record that an open checkpointer writes through ``storage`` (or no longer does); call
-    it on the writer's event loop."""
-    with _held_lock:
-        if held:
-            try:
-                loop: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
-            except RuntimeError:  # pragma: no cover - the writer calls it on its loop
-                loop = None
-            _held[id(storage)] = (storage, loop)
-        elif id(storage) in _held and _held[id(storage)][0] is storage:
-            del _held[id(storage)]
-
-
-def held_by_writer(storage: Storage) -> bool:
-    """Whether an open checkpointer writes through this very object (a reader given it must
-    not close it: that would release the writer's folder lock and buffers)."""
-    with _held_lock:
-        entry = _held.get(id(storage))
-        return entry is not None and entry[0] is storage
-
-
-def writer_loop_of(storage: Storage) -> asyncio.AbstractEventLoop | None:
-    """The event loop of the open checkpointer that writes through ``storage``, if any (its
-    client sessions belong to that loop)."""
-    with _held_lock:
-        entry = _held.get(id(storage))
-        return entry[1] if entry is not None and entry[0] is storage else None
-
 
 async def _once(data: Buffer) -> AsyncIterator[Buffer]:
     yield data
@@ -112,6 +80,11 @@ class Storage(AsyncResource):
 
     #: Base location, as users write it (a folder path or a URI).
     uri: str
+    #: While an open checkpointer writes through this object: the token of the event loop it
+    #: runs on (set and cleared by the checkpointer). A reader given this object runs there
+    #: (client sessions belong to that loop) and must not close it (that would release the
+    #: writer's folder lock and buffers).
+    writer_token: object | None = None
 
     async def open(self, *, writer: bool) -> None:  # noqa: B027 - optional hook
         """Prepare for use. ``writer=True``: create what is missing and take any writer lock."""
@@ -138,12 +111,48 @@ class Storage(AsyncResource):
         return await self.write(name, _once(data))
 
     @abstractmethod
-    async def read_bytes(self, name: str) -> bytes:
-        """The whole content of ``name``. Raises ``FileNotFoundError`` when it does not exist."""
+    async def read_bytes(self, name: str, max_bytes: int | None = None) -> bytes:
+        """The whole content of ``name``.
+
+        Args:
+            name: the object to read.
+            max_bytes: the most bytes the caller accepts (None: no limit).
+
+        Raises:
+            FileNotFoundError: ``name`` does not exist.
+            ObjectTooLargeError: it holds more than ``max_bytes``.
+            NotARegularFileError: (local folders) it is not a regular file.
+        """
 
     @abstractmethod
-    def read_stream(self, name: str, chunk_size: int = 8 << 20) -> AsyncIterator[bytes]:
-        """The content of ``name`` in chunks (an async generator)."""
+    def read_stream(self, name: str, chunk_size: int = 8 << 20,
+                    max_bytes: int | None = None) -> AsyncIterator[bytes]:
+        """The content of ``name`` in chunks (an async generator).
+
+        Args:
+            name: the object to read.
+            chunk_size: the most bytes per chunk.
+            max_bytes: the most bytes the caller accepts (None: no limit). A longer object
+                raises instead of being read on: at once when its size is known up front,
+                else before any chunk past the limit is returned.
+
+        Raises:
+            FileNotFoundError: ``name`` does not exist.
+            ObjectTooLargeError: it holds more than ``max_bytes``.
+            NotARegularFileError: (local folders) it is not a regular file.
+        """
+
+    def open_local(self, name: str) -> BinaryIO | None:
+        """``name`` opened read-only as a local file, or None where there are no local files.
+
+        Blocking (call it in a worker thread). It lets a loader check and load the very same
+        open file, so that nothing swapped in between is loaded unchecked. The caller closes it.
+
+        Raises:
+            FileNotFoundError: ``name`` does not exist.
+            NotARegularFileError: it is not a regular file.
+        """
+        return None
 
     @abstractmethod
     async def delete(self, name: str) -> None:
@@ -162,7 +171,8 @@ class Storage(AsyncResource):
         """The path or URI a user would use for ``name``."""
 
     def local_path(self, name: str) -> str | None:
-        """A local filesystem path for ``name`` if there is one (lets loaders mmap/stream it)."""
+        """A local filesystem path for ``name`` if there is one. The path is not checked (it
+        may be a link or a FIFO): to read a checkpoint, use :meth:`open_local`."""
         return None
 
     async def cleanup_temporaries(self) -> builtins.list[str]:

@@ -1,10 +1,12 @@
 """Generic fsspec backend: any fsspec URL that has no dedicated backend (``memory://``, ``gs://``).
 
 Async-capable filesystems (``gcsfs``, ``adlfs``, ...) are driven through their coroutine API on
-the writer's event loop, with one session per storage; sync-only ones (``memory://``) run each
-call in a worker thread. A checkpoint is written under a temporary name
-(``.asyncckpt-tmp.<random>``), then moved over its final name, so readers never see a partial
-object; what a crash leaves under the temporary name is removed by the next writer.
+the writer's event loop, with one session per storage; they run only on asyncio, so on another
+event loop (trio) :meth:`FsspecStorage.open` fails with a clear error. Sync-only filesystems
+(``memory://``) run each call in a worker thread, on any event loop. A checkpoint is written
+under a temporary name (``.asyncckpt-tmp.<random>``), then moved over its final name, so readers
+never see a partial object; what a crash leaves under the temporary name is removed by the next
+writer.
 
 Streaming: a sync filesystem receives the chunks through its own buffered file object as they
 arrive. fsspec has no streaming writer for async filesystems, so there the object is gathered in
@@ -26,9 +28,10 @@ from typing import Any
 import anyio
 
 from .._errors import StorageError, TransientStorageError
-from .._naming import TMP_PREFIX
+from .._format.naming import TMP_PREFIX
 from ._base import Buffer, Storage
-from ._remote import caused_by, commit_shielded, require
+from ._limits import ObjectTooLargeError, check_max_bytes
+from ._remote import caused_by, commit_shielded, require, require_asyncio
 
 __all__ = ["FsspecStorage"]
 
@@ -100,6 +103,9 @@ class FsspecStorage(Storage):
     async def open(self, *, writer: bool) -> None:
         if self._fs is not None:
             return
+        if self.is_async:
+            require_asyncio(self.uri, f"the fsspec filesystem for {self.protocol}:// is "
+                            "asynchronous and runs only on asyncio")
         options = dict(self.storage_options)
         options.setdefault("skip_instance_cache", True)
         options.setdefault("use_listings_cache", False)
@@ -203,13 +209,26 @@ class FsspecStorage(Storage):
         except Exception as exc:
             raise self._error(exc, action, uri) from exc
 
-    async def read_bytes(self, name: str) -> bytes:
-        return bytes(await self._call("cat_file", "read", self.uri_of(name), self._path(name)))
+    async def read_bytes(self, name: str, max_bytes: int | None = None) -> bytes:
+        check_max_bytes(max_bytes)
+        uri, path = self.uri_of(name), self._path(name)
+        if max_bytes is not None:
+            size = int(await self._call("size", "read", uri, path))
+            if size > max_bytes:
+                raise ObjectTooLargeError(uri, max_bytes, size)
+        data = bytes(await self._call("cat_file", "read", uri, path))
+        if max_bytes is not None and len(data) > max_bytes:  # replaced since the size was read
+            raise ObjectTooLargeError(uri, max_bytes)
+        return data
 
-    async def read_stream(self, name: str, chunk_size: int = 8 << 20) -> AsyncIterator[bytes]:
+    async def read_stream(self, name: str, chunk_size: int = 8 << 20,
+                          max_bytes: int | None = None) -> AsyncIterator[bytes]:
+        check_max_bytes(max_bytes)
         uri, path = self.uri_of(name), self._path(name)
         size = int(await self._call("size", "read", uri, path))
-        for start in range(0, size, chunk_size):
+        if max_bytes is not None and size > max_bytes:
+            raise ObjectTooLargeError(uri, max_bytes, size)
+        for start in range(0, size, chunk_size):  # ranges within the size checked
             end = min(size, start + chunk_size)
             yield bytes(await self._call("cat_file", "read", uri, path, start=start, end=end))
 

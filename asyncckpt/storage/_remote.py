@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
 import importlib
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 import anyio
 
-from .._errors import TransientStorageError
+from .._errors import StorageError, TransientStorageError
 
-__all__ = ["COMMIT_TIMEOUT", "caused_by", "commit_shielded", "require"]
+__all__ = ["COMMIT_TIMEOUT", "caused_by", "commit_shielded", "require", "require_asyncio"]
 
 T = TypeVar("T")
 
@@ -31,6 +32,31 @@ def require(module: str, scheme: str) -> Any:
             f"{scheme}:// checkpoint locations need the optional dependency {module!r}: "
             "pip install 'asyncckpt[s3]'"
         ) from exc
+
+
+def require_asyncio(uri: str, reason: str) -> None:
+    """Check that the caller runs on an asyncio event loop (``reason`` says who needs it).
+
+    s3fs (through aiobotocore and aiohttp) and the other async fsspec filesystems are written
+    for asyncio; on trio they would fail somewhere deep inside, or never answer.
+
+    Raises:
+        StorageError: the running event loop is not asyncio's.
+    """
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        library = "another event loop"
+        try:
+            import sniffio
+
+            library = sniffio.current_async_library()
+        except Exception:  # sniffio missing or no library detected: the generic words stand
+            pass
+        raise StorageError(
+            f"cannot open {uri} on {library}: {reason}. Run this code "
+            "with anyio.run(..., backend='asyncio'), or use the sync asyncckpt.Checkpointer, "
+            "which runs its own asyncio loop in a thread", uri) from None
 
 
 def caused_by(exc: BaseException, types: tuple[type[BaseException], ...]) -> bool:

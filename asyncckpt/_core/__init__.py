@@ -1,0 +1,1 @@
+"""Core: the front doors, the save queue, the folder commit, the writer, the readers."""

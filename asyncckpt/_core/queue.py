@@ -1,0 +1,261 @@
+"""The bounded save queue: slots, the ``when_full`` policies, and the jobs the writer takes.
+
+::
+
+    reserve ─ a free slot? ──yes──▶ reserved ─ (the front door takes the snapshot) ─ submit ─┐
+               │ no                  ▲                                                       │
+               ├ skip: resolved "skipped"                                                     │
+               ├ block: wait for a slot                                         jobs() ◀──────┘
+               └ coalesce: drop the oldest waiting job ("coalesced"), take its slot     │
+                                                                                writer: release
+                                                                                 (slot, arena)
+                                                                                 then finish
+
+There are ``queue_size + 1`` slots: the snapshots waiting plus the one being written. A slot is
+given back when its snapshot's bytes are durable (or it is dropped), and its arena with it. All
+methods run on the writer's event loop; the sync front door reaches them with one call there.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import anyio
+from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
+
+from .._errors import WriterClosedError
+from .._snapshot.snapshot import Snapshot, Snapshotter
+from .config import WhenFull
+from .events import Event, Skipped, SnapshotTaken
+from .handle import SaveHandle
+
+__all__ = ["Job", "Request", "SaveQueue"]
+
+
+@dataclass(eq=False)
+class Request:
+    """A save that passed validation and may hold a queue slot."""
+
+    handle: SaveHandle
+    metrics: dict[str, float]
+    wall: float
+    t0: float
+    keep: bool = False
+    supersedes: tuple[str, ...] = ()
+    reserved: bool = False
+    stall: float | None = None  # set by a caller that measured it on its own thread
+
+    @property
+    def step(self) -> int:
+        return self.handle.step
+
+    @property
+    def name(self) -> str:
+        return self.handle.name
+
+    @property
+    def waiting(self) -> bool:
+        """Neither reserved nor resolved: the caller must go on to ``wait_for_slot``."""
+        return not self.reserved and not self.handle.done()
+
+
+@dataclass(eq=False)
+class Job:
+    """A taken snapshot in the queue, and the request it answers."""
+
+    request: Request
+    snapshot: Snapshot
+    released: bool = field(default=False)
+
+
+class SaveQueue:
+    """The bounded queue between the front doors and the writer task.
+
+    Args:
+        size: ``queue_size`` (snapshots that may wait while one is written).
+        when_full: the policy when every slot is taken.
+        snapshots: gives arenas back and stops the copies of dropped jobs.
+        emit: where ``SnapshotTaken`` / ``Skipped`` events go.
+        uri: the folder, for error messages.
+    """
+
+    def __init__(
+        self,
+        size: int,
+        when_full: WhenFull,
+        snapshots: Snapshotter,
+        emit: Callable[[Event], None],
+        uri: str,
+    ) -> None:
+        self._slots_total = size + 1
+        self._when_full = when_full
+        self._snapshots = snapshots
+        self._emit = emit
+        self._uri = uri
+        self._closed = False
+        self._names: dict[str, list[int]] = {}  # in-flight name -> [step, count]
+        self._unfinished = 0
+        # Created in open(): anyio primitives belong to the event loop that runs the writer.
+        self._slots: anyio.Semaphore
+        self._idle: anyio.Event
+        self._send: MemoryObjectSendStream[Job]
+        self._recv: MemoryObjectReceiveStream[Job]
+        self._evict: MemoryObjectReceiveStream[Job]
+
+    def open(self) -> None:
+        """Create the slots and the stream (on the writer's loop)."""
+        self._slots = anyio.Semaphore(self._slots_total)
+        self._idle = anyio.Event()
+        self._idle.set()
+        self._send, self._recv = anyio.create_memory_object_stream[Job](self._slots_total)
+        self._evict = self._recv.clone()
+
+    @property
+    def free_slots(self) -> int:
+        return self._slots.value
+
+    def in_flight(self, name: str) -> int | None:
+        """The step of a queued or running save named ``name``, if there is one."""
+        entry = self._names.get(name)
+        return None if entry is None else entry[0]
+
+    # -- the front doors' side -------------------------------------------------------------------
+    async def reserve(self, request: Request) -> Request:
+        """Take a slot for ``request`` according to ``when_full`` (may wait)."""
+        self.reserve_nowait(request)
+        if request.waiting:
+            await self.wait_for_slot(request)
+        return request
+
+    def reserve_nowait(self, request: Request) -> Request:
+        """Take a free slot, or skip; never waits. The request comes back unreserved and
+        unresolved (``request.waiting``) when the caller must go on to :meth:`wait_for_slot`
+        (block, or coalesce: evicting may have to wait for a copy to stop)."""
+        try:
+            self._slots.acquire_nowait()
+        except anyio.WouldBlock:
+            if self._when_full == "skip":
+                request.handle.resolve("skipped")
+                self._emit(Skipped(request.step, request.name, "queue_full"))
+            return request
+        return self._reserved(request)
+
+    async def wait_for_slot(self, request: Request) -> Request:
+        """Every slot is taken and the policy blocks or coalesces (then the oldest waiting
+        snapshot is dropped, if one is waiting)."""
+        if self._when_full == "coalesce" and await self._evict_oldest():
+            return self._reserved(request)  # _evict_oldest took the slot it freed
+        # block; or coalesce while every slot is held by a snapshot still being taken
+        # (concurrent saves from several tasks), so nothing waits to be replaced
+        await self._slots.acquire()
+        return self._reserved(request)
+
+    def unreserve(self, request: Request) -> None:
+        """Give back the slot of a save whose snapshot failed."""
+        if request.reserved:
+            request.reserved = False
+            self._slots.release()
+            self._drop_name(request.name)
+
+    def submit(self, request: Request, snapshot: Snapshot) -> SaveHandle:
+        """Queue a taken snapshot and start its background copy, if it has one."""
+        job = Job(request, snapshot)
+        if self._closed:
+            self.release(job)
+            raise WriterClosedError(f"the checkpointer for {self._uri} closed during save()")
+        self._snapshots.start(snapshot)
+        if self._unfinished == 0:
+            self._idle = anyio.Event()
+        self._unfinished += 1
+        self._send.send_nowait(job)  # never full: the stream holds as many items as slots
+        stall = request.stall if request.stall is not None else time.perf_counter() - request.t0
+        self._emit(SnapshotTaken(request.step, request.name, snapshot.nbytes, stall))
+        return request.handle
+
+    def submit_or_cancel(self, request: Request, snapshot: Snapshot) -> None:
+        """:meth:`submit` for a caller that does not wait for it: a queue that closed
+        meanwhile resolves the handle as cancelled instead of raising."""
+        try:
+            self.submit(request, snapshot)
+        except WriterClosedError:
+            self._drop_name(request.name)
+            request.handle.resolve("cancelled")
+
+    async def wait_idle(self) -> None:
+        """Return once every submitted job has finished."""
+        while self._unfinished:
+            await self._idle.wait()
+
+    # -- the writer's side -----------------------------------------------------------------------
+    def jobs(self) -> MemoryObjectReceiveStream[Job]:
+        """The stream the writer task takes jobs from, oldest first (it ends at close)."""
+        return self._recv
+
+    def release(self, job: Job) -> None:
+        """Give back a job's arena and slot: its bytes are durable, or it is dropped."""
+        if not job.released:
+            job.released = True
+            job.snapshot = self._snapshots.release(job.snapshot)
+            self._slots.release()
+
+    def finish(self, job: Job) -> None:
+        """Bookkeeping when a job leaves the writer, whatever its outcome."""
+        self.release(job)
+        self._drop_name(job.request.name)
+        job.request.handle.resolve("cancelled")  # no-op unless still pending
+        self._unfinished -= 1
+        if self._unfinished == 0:
+            self._idle.set()
+
+    # -- closing ---------------------------------------------------------------------------------
+    def close(self) -> None:
+        """Accept no more jobs; the writer's stream ends after those queued."""
+        self._closed = True
+        self._send.close()
+
+    async def drop_unwritten(self) -> None:
+        """At close: finish the jobs that never reached the writer (abandoned)."""
+        with anyio.CancelScope(shield=True):
+            while True:
+                try:
+                    job = self._evict.receive_nowait()
+                except (anyio.WouldBlock, anyio.EndOfStream, anyio.ClosedResourceError):
+                    break
+                await self._snapshots.stop(job.snapshot)
+                self.finish(job)
+            self._evict.close()
+
+    # -- internals -------------------------------------------------------------------------------
+    def _reserved(self, request: Request) -> Request:
+        if self._closed:
+            self._slots.release()
+            raise WriterClosedError(f"the checkpointer for {self._uri} closed during save()")
+        entry = self._names.setdefault(request.name, [request.step, 0])
+        entry[1] += 1
+        request.reserved = True
+        return request
+
+    async def _evict_oldest(self) -> bool:
+        """Coalesce: drop the oldest waiting snapshot to make room."""
+        try:
+            job = self._evict.receive_nowait()
+        except anyio.WouldBlock:
+            return False
+        job.request.handle.resolve("coalesced")
+        self._emit(Skipped(job.request.step, job.request.name, "coalesced"))
+        await self._snapshots.stop(job.snapshot)  # its arena is reused next: nothing may write it
+        self.finish(job)
+        try:
+            self._slots.acquire_nowait()  # the slot the evicted job just gave back ...
+        except anyio.WouldBlock:  # ... unless a concurrently blocked save() was handed it first
+            await self._slots.acquire()
+        return True
+
+    def _drop_name(self, name: str) -> None:
+        entry = self._names.get(name)
+        if entry is not None:
+            entry[1] -= 1
+            if entry[1] <= 0:
+                del self._names[name]

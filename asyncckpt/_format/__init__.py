@@ -1,0 +1,1 @@
+"""Format: torch.save serialization, encryption, the index document, names, retention."""

@@ -1,0 +1,1 @@
+"""Test support: storage wrappers, the S3 (moto) fixtures, the fault proxy, harnesses."""
