@@ -22,13 +22,23 @@ import uuid
 from datetime import timedelta
 from typing import Any
 
+import torch
 import torch.distributed as dist
 
+from .._versions import torch_release
 from .errors import CheckpointGroupError
 
 __all__ = ["DEFAULT_TIMEOUT", "CheckpointGroup"]
 
 DEFAULT_TIMEOUT = 120.0
+
+# Before torch 2.8 (pytorch#154976) freeing a gloo group holds the GIL while it joins the
+# group's worker threads, and a worker that still holds the last collective's tensors needs the
+# GIL to free them: freeing a group right after a collective deadlocks now and then. On those
+# releases a destroyed group is kept alive until the next one is destroyed (its workers are long
+# idle by then), so at most one group's threads and connections outlive destroy().
+_FREE_HOLDS_GIL = (torch_release(torch.__version__) or (99, 0)) < (2, 8)
+_retired: list[dist.ProcessGroup] = []
 
 
 class CheckpointGroup:
@@ -103,9 +113,17 @@ class CheckpointGroup:
         return box[0]
 
     def destroy(self) -> None:
-        """Release the group's connections (collective when the group is healthy)."""
+        """Release the group's connections (collective when the group is healthy).
+
+        On torch < 2.8 the group object itself is freed at the next ``destroy()`` (see
+        ``_FREE_HOLDS_GIL``); it is deregistered from torch.distributed at once either way.
+        """
         if self.pg is not None:
             dist.destroy_process_group(self.pg)
+            if _FREE_HOLDS_GIL:
+                previous = _retired[:]
+                _retired[:] = [self.pg]
+                del previous  # freed here, long after their last collective
             self.pg = None
 
     def _global(self, group_rank: int) -> int:

@@ -15,6 +15,7 @@ import os
 import pickle
 import queue
 import socket
+import time
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -71,14 +72,17 @@ def _entry(rank: int, world: int, port: int, scenario: Callable[..., Any], args:
         # plain pickle: torch's queue reducers would pass tensors as shared-memory handles
         # owned by this process, which exits right after
         results.put((rank, pickle.dumps(out)))
+    finally:
+        # flush the queues' feeder threads first: on torch < 2.8 freeing a gloo group can
+        # deadlock holding the GIL (pytorch#154976), and a result still in the feeder thread
+        # would never reach the parent
+        for q in (results, events):
+            q.close()
+            q.join_thread()
         try:
             dist.destroy_process_group()
         except Exception:  # noqa: S110 - a peer may be gone (fault tests); nothing to release
             pass
-    finally:
-        for q in (results, events):  # flush the queues' feeder threads before exiting
-            q.close()
-            q.join_thread()
         os._exit(0)  # skip atexit/gloo teardown, which can block on dead peers
 
 
@@ -115,18 +119,39 @@ class Ranks:
             if p.is_alive():
                 p.kill()
 
+    def _drain(self, out: dict[int, Any]) -> None:
+        while True:
+            try:
+                rank, value = self.results.get(timeout=0.5)
+            except queue.Empty:
+                return
+            out[rank] = pickle.loads(value)
+
     def wait(self, ranks: list[int] | None = None) -> dict[int, Any]:
         """Results of ``ranks`` (default: all); raises if one did not finish in time."""
         wanted = set(range(self.world) if ranks is None else ranks)
         out: dict[int, Any] = {}
+        deadline = time.monotonic() + JOIN_TIMEOUT
         try:
-            while wanted - out.keys():
-                rank, value = self.results.get(timeout=JOIN_TIMEOUT)
+            while missing := wanted - out.keys():
+                try:
+                    rank, value = self.results.get(timeout=1.0)
+                except queue.Empty:
+                    # a rank flushes its result before it exits, so one that exited without
+                    # sending it died (signal, os._exit in the library, interpreter crash)
+                    dead = {r: self.procs[r].exitcode for r in missing
+                            if self.procs[r].exitcode is not None}
+                    if dead:
+                        self._drain(out)  # results sent just before the exit was seen
+                        dead = {r: c for r, c in dead.items() if r not in out}
+                    if dead:
+                        raise AssertionError(
+                            f"ranks exited without a result (rank: exit code): {dead}") from None
+                    if time.monotonic() > deadline:
+                        raise TimeoutError(f"ranks {sorted(missing)} did not finish within "
+                                           f"{JOIN_TIMEOUT} s") from None
+                    continue
                 out[rank] = pickle.loads(value)
-        except queue.Empty:
-            raise TimeoutError(
-                f"ranks {sorted(wanted - out.keys())} did not finish within {JOIN_TIMEOUT} s"
-            ) from None
         finally:
             self.kill_all()
             for p in self.procs:
@@ -392,3 +417,23 @@ def scenario_fsdp2_save(ctx: RankContext, parent: str) -> dict[str, torch.Tensor
     save(open_saver(parent), {"model": msd, "optim": osd}, "fsdp")
     return flat_tensors({"model": msd, "optim": osd})
 
+
+def scenario_destroy_groups(ctx: RankContext, rounds: int) -> list[tuple[bool, bool]]:
+    """Create, use and destroy ``rounds`` checkpoint groups back to back: per round, whether the
+    destroyed group is still held (freed later) and whether the previous one was freed."""
+    import weakref
+
+    from asyncckpt._dist import group as group_module
+
+    out: list[tuple[bool, bool]] = []
+    previous: weakref.ref[Any] | None = None
+    for r in range(rounds):
+        group = CheckpointGroup(timeout=30)
+        group.all_gather(torch.arange(4) * r, what="exchange tensors")
+        pg = weakref.ref(group.pg)
+        group.destroy()  # right after the collective: the case torch < 2.8 can deadlock on
+        held = pg() is not None and any(p is pg() for p in group_module._retired)
+        freed = previous is None or previous() is None
+        out.append((held, freed))
+        previous = pg
+    return out
