@@ -147,6 +147,22 @@ def test_a_storage_failure_on_one_rank_fails_the_step_everywhere(moto_endpoint, 
     assert pending_uploads(s3_client, prefix) == []
 
 
+def test_a_committed_checkpoint_on_s3_is_never_overwritten(moto_endpoint, s3_client, s3_options):
+    uri = f"s3://{BUCKET}/dist-{random.randrange(1 << 30):x}"
+    for r in ds.run(2, dist_s3.scenario_resave, uri, rank_options(moto_endpoint)):
+        assert len(r["errors"]) == 1 and "never overwritten" in r["errors"][0], r
+        assert r["listed"] == ["step_1"]
+    assert asyncckpt.load(uri, storage_options=s3_options)["n"] == 1  # the first save's bytes
+    assert asyncckpt.verify(uri, storage_options=s3_options).ok
+
+
+def test_a_folder_rank_0_cannot_open_fails_on_every_rank(moto_endpoint, s3_client):
+    uri = "s3://no-such-bucket-asyncckpt/run"
+    rank0, rank1 = ds.run(2, dist_s3.scenario_open_error, uri, rank_options(moto_endpoint))
+    assert rank0.startswith("StorageError") and "no-such-bucket-asyncckpt" in rank0, rank0
+    assert rank1.startswith("CheckpointError") and "rank 0: StorageError" in rank1, rank1
+
+
 KILL_TIMEOUT = 10.0
 
 

@@ -83,3 +83,26 @@ def scenario_refuses_other_stores(ctx: ds.RankContext, url: str) -> str:
     except ValueError as exc:
         return df._error(exc)
     return "opened"
+
+
+def scenario_resave(ctx: ds.RankContext, uri: str, options: dict[str, Any]) -> dict[str, Any]:
+    """Save step 1, then step 1 again (the same name): the second save's error, the listing."""
+    errors = []
+    with asyncckpt.Checkpointer(uri, storage_options=options) as ckpt:
+        ckpt.save(ds.plain_state(1), step=1)
+        ckpt.flush()
+        ckpt.save(ds.plain_state(2), step=1)
+        try:
+            ckpt.flush()
+        except asyncckpt.WriterError as exc:
+            errors.append(df._error(exc))
+        return {"errors": errors, "listed": [c.name for c in ckpt.checkpoints()]}
+
+
+def scenario_open_error(ctx: ds.RankContext, uri: str, options: dict[str, Any]) -> str:
+    """Open a multi-rank checkpointer that cannot open its folder: the error each rank gets."""
+    try:
+        asyncckpt.Checkpointer(uri, storage_options=options).close()
+    except Exception as exc:
+        return df._error(exc)
+    return "opened"
