@@ -18,6 +18,19 @@ def rank_options(ctx: ds.RankContext, options: dict[str, Any] | list[dict[str, A
     return options[ctx.rank] if isinstance(options, list) else options
 
 
+def _save_twice(ckpt: asyncckpt.Checkpointer, second_step: int) -> list[str]:
+    """Save ``plain_state(1)`` as step 1, then ``plain_state(2)`` as ``second_step``; the
+    errors the second save raised."""
+    ckpt.save(ds.plain_state(1), step=1)
+    ckpt.flush()
+    ckpt.save(ds.plain_state(2), step=second_step)
+    try:
+        ckpt.flush()
+    except asyncckpt.WriterError as exc:
+        return [df._error(exc)]
+    return []
+
+
 def scenario_load_into_ddp(ctx: ds.RankContext, uri: str, which: Any,
                            options: dict[str, Any]) -> dict[str, Any]:
     """``asyncckpt.load_into`` a fresh DDP model + Adam of this world size from S3."""
@@ -36,16 +49,9 @@ def scenario_fault(ctx: ds.RankContext, uri: str,
                    options: dict[str, Any] | list[dict[str, Any]]) -> dict[str, Any]:
     """Save step 1, then step 2 (the test makes one rank's upload of it fail): what each rank
     was told, and what it lists afterwards."""
-    errors = []
     with asyncckpt.Checkpointer(uri, keep_last=2,
                                 storage_options=rank_options(ctx, options)) as ckpt:
-        ckpt.save(ds.plain_state(1), step=1)
-        ckpt.flush()
-        ckpt.save(ds.plain_state(2), step=2)
-        try:
-            ckpt.flush()
-        except asyncckpt.WriterError as exc:
-            errors.append(df._error(exc))
+        errors = _save_twice(ckpt, second_step=2)
         listed = [c.name for c in ckpt.checkpoints()]
         latest = ckpt.latest()
     return {"errors": errors, "listed": listed, "latest": None if latest is None else latest.name}
@@ -87,15 +93,8 @@ def scenario_refuses_other_stores(ctx: ds.RankContext, url: str) -> str:
 
 def scenario_resave(ctx: ds.RankContext, uri: str, options: dict[str, Any]) -> dict[str, Any]:
     """Save step 1, then step 1 again (the same name): the second save's error, the listing."""
-    errors = []
     with asyncckpt.Checkpointer(uri, storage_options=options) as ckpt:
-        ckpt.save(ds.plain_state(1), step=1)
-        ckpt.flush()
-        ckpt.save(ds.plain_state(2), step=1)
-        try:
-            ckpt.flush()
-        except asyncckpt.WriterError as exc:
-            errors.append(df._error(exc))
+        errors = _save_twice(ckpt, second_step=1)
         return {"errors": errors, "listed": [c.name for c in ckpt.checkpoints()]}
 
 
