@@ -158,6 +158,7 @@ class DistEngine(Engine):
                     await self.folder.delete_pending(self._delete_failed)
                 elif isinstance(self.storage, S3Storage):  # every rank uploads its own file
                     await self.storage.open(writer=False)
+                    self.storage.writer_token = token  # readers given it must not close it
             except Exception as exc:  # the other ranks must hear of it, not wait
                 failure = exc
             group = self.group = await anyio.to_thread.run_sync(

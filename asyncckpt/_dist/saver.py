@@ -136,13 +136,17 @@ class DistSaver:
             :class:`LocalLayout`) or a :class:`Layout`.
         group: the checkpoint process group (owned by the caller).
         pool: host buffers for snapshots (default: a private pool of 2 arenas).
-        open_file: how files are created in a directory ``parent`` (tests inject storage
-            faults here).
+        open_file: how files are created in a directory ``parent`` (tests inject faults).
+
+    Raises:
+        ValueError: ``open_file`` was given with a :class:`Layout`.
     """
 
     def __init__(self, parent: str | os.PathLike[str] | Layout, group: CheckpointGroup, *,
                  pool: BufferPool | None = None,
                  open_file: Callable[[str], BinaryIO] = create_file) -> None:
+        if isinstance(parent, Layout) and open_file is not create_file:
+            raise ValueError(f"DistSaver: open_file cannot be combined with the layout {parent!r}")
         self.layout = parent if isinstance(parent, Layout) \
             else LocalLayout(parent, open_file=open_file)
         self.parent = self.layout.location
