@@ -53,6 +53,7 @@ __all__ = [
     "TEMP_PREFIX",
     "FileRecord",
     "ItemLocation",
+    "check_name",
     "fsync_dir",
     "publish_dir",
     "rank_file_name",
@@ -87,6 +88,16 @@ class ItemLocation:
 
     offset: int
     length: int
+
+
+def check_name(name: str) -> None:
+    """ValueError unless ``name`` can name a checkpoint directory (and an S3 folder)."""
+    if not isinstance(name, str) or not name or name in (".", "..") or "/" in name \
+            or os.sep in name or name.startswith("."):
+        raise ValueError(
+            f"checkpoint name {name!r} must be a non-empty directory name without '/' that does "
+            "not start with '.'"
+        )
 
 
 def rank_file_name(rank: int) -> str:

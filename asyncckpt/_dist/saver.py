@@ -46,6 +46,7 @@ from .errors import DistributedSaveError
 from .files import (
     METADATA_NAME,
     FileRecord,
+    check_name,
     rank_file_name,
     write_manifest,
     write_rank_file,
@@ -74,6 +75,8 @@ class RankPart:
     payloads: list[torch.Tensor | bytes] = field(default_factory=list)
     snapshot: Snapshot | None = None
     error: BaseException | None = None
+    # the outcome broadcast failed: rank 0 may have recorded the checkpoint already
+    outcome_unknown: bool = False
 
 
 @dataclass(frozen=True)
@@ -180,7 +183,7 @@ class DistSaver:
         part = RankPart(self.group.next_sequence(), name)
         try:
             if name is not None:
-                _check_name(name)
+                check_name(name)
             local = make_local_plan(state, is_coordinator=self.rank == 0)
             part.key, part.local_plan = local.key, dataclasses.replace(local.plan)
             with self._lock:
@@ -237,7 +240,7 @@ class DistSaver:
         if name is not None:
             part.name = name
             try:
-                _check_name(name)
+                check_name(name)
             except ValueError as exc:  # reported to every rank at the agreement
                 part.error = part.error or exc
         if part.name is None:
@@ -250,7 +253,7 @@ class DistSaver:
             record = self._write(part, target, part.items, part.used)
             return self._agree(part, record, target)
         except BaseException:
-            target.discard(self.rank)
+            target.discard(self.rank, recorded_maybe=part.outcome_unknown)
             raise
         finally:
             self.release(part)
@@ -368,8 +371,12 @@ class DistSaver:
                         outcome = (f"recording it failed: {_describe(exc)}", [], None)
                     else:
                         outcome = (None, extra, value)
-        error, extra, published = self.group.broadcast(
-            outcome, what=f"publish checkpoint {name!r}")
+        try:
+            error, extra, published = self.group.broadcast(
+                outcome, what=f"publish checkpoint {name!r}")
+        except BaseException:
+            part.outcome_unknown = True
+            raise
         if error is not None:
             raise DistributedSaveError(
                 f"checkpoint {name!r} was not published by rank 0: {error}", (0,))
@@ -410,15 +417,6 @@ class DistSaver:
         manifest = write_manifest(target, part.name, len(records), files)
         target.publish()
         return [meta, manifest]
-
-
-def _check_name(name: str) -> None:
-    if not isinstance(name, str) or not name or name in (".", "..") or "/" in name \
-            or os.sep in name or name.startswith("."):
-        raise ValueError(
-            f"checkpoint name {name!r} must be a non-empty directory name without '/' that does "
-            "not start with '.'"
-        )
 
 
 def _describe(exc: BaseException) -> str:

@@ -10,7 +10,8 @@ this seam, one :class:`SaveTarget` per save and rank::
     publish       rename to <name>, fsync the parent      nothing: the index entry rank 0
                                                           records next is the commit
     unpublish     move <name> aside, delete it            delete the objects under <name>/
-    discard       each rank its file, rank 0 the dir      each rank the objects it wrote
+    discard       each rank its file, rank 0 the dir      each rank the objects it wrote,
+                                                          unless rank 0 may have listed them
 
 and, when rank 0 opens the folder, :meth:`Layout.remove_leftovers`: temporary directories and
 unlisted checkpoint directories (local), or folders holding checkpoint files that the index does
@@ -89,8 +90,12 @@ class SaveTarget(ABC):
         """Rank 0, when the index entry could not be recorded: take the checkpoint away."""
 
     @abstractmethod
-    def discard(self, rank: int) -> None:
-        """After a failed save: remove what this rank wrote (best effort, never raises)."""
+    def discard(self, rank: int, *, recorded_maybe: bool) -> None:
+        """After a failed save: remove what this rank wrote (best effort, never raises).
+
+        ``recorded_maybe``: the ranks could not learn the outcome (a peer died while rank 0
+        told them), so rank 0 may have listed the checkpoint: nothing it names may go.
+        """
 
 
 class Layout(ABC):
@@ -145,8 +150,9 @@ class LocalTarget(SaveTarget):
     def unpublish(self) -> None:
         unpublish_dir(self.location)
 
-    def discard(self, rank: int) -> None:
-        """Every rank removes its own file, rank 0 the whole directory."""
+    def discard(self, rank: int, *, recorded_maybe: bool) -> None:
+        """Every rank removes its own file, rank 0 the whole directory: only the temporary
+        directory, which a published checkpoint no longer is, whatever the outcome."""
         if rank == 0:
             shutil.rmtree(self.temp, ignore_errors=True)
             return
@@ -224,7 +230,11 @@ class S3Target(SaveTarget):
     def unpublish(self) -> None:
         self._run(self._storage.delete, self._name)
 
-    def discard(self, rank: int) -> None:
+    def discard(self, rank: int, *, recorded_maybe: bool) -> None:
+        """Delete the objects this rank wrote, unless the checkpoint may be listed (then the
+        next writer to open the folder removes them if it is not)."""
+        if recorded_maybe:
+            return
         for key in self._written:
             try:
                 self._run(self._storage.delete, key)

@@ -163,6 +163,23 @@ def test_a_folder_rank_0_cannot_open_fails_on_every_rank(moto_endpoint, s3_clien
     assert rank1.startswith("CheckpointError") and "rank 0: StorageError" in rank1, rank1
 
 
+def test_a_peer_dying_after_rank_0_recorded_the_checkpoint_deletes_nothing(moto_endpoint,
+                                                                          s3_client):
+    # rank 0 may have listed the checkpoint when the outcome broadcast fails: its objects stay
+    prefix = f"dist-{random.randrange(1 << 30):x}"
+    killed = ds._CTX.Event()
+    ranks = ds.Ranks(2, dist_s3.scenario_peer_dies_after_record, f"s3://{BUCKET}/{prefix}",
+                     rank_options(moto_endpoint), killed)
+    assert ranks.next_event() == (0, "recorded")
+    ranks.kill(1)
+    killed.set()
+    outcome = ranks.wait([0])[0]
+    assert outcome.startswith("CheckpointGroupError"), outcome
+    keys = object_keys(s3_client, f"{prefix}/step_1/")
+    assert sorted(k.rsplit("/", 1)[1] for k in keys) == [
+        ".asyncckpt.json", ".metadata", "__0_0.distcp", "__1_0.distcp"]
+
+
 KILL_TIMEOUT = 10.0
 
 

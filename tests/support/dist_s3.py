@@ -105,3 +105,40 @@ def scenario_open_error(ctx: ds.RankContext, uri: str, options: dict[str, Any]) 
     except Exception as exc:
         return df._error(exc)
     return "opened"
+
+
+def scenario_peer_dies_after_record(ctx: ds.RankContext, uri: str, options: dict[str, Any],
+                                    killed: Any) -> str:
+    """One save through ``DistSaver`` on S3 in which rank 0 "records" the checkpoint, reports
+    it, and waits for ``killed`` (the parent kills rank 1 in between): how rank 0's save ends."""
+    import functools
+
+    import anyio
+
+    from asyncckpt._dist import CheckpointGroup, DistSaver
+    from asyncckpt._dist.targets import S3Layout
+    from asyncckpt.storage import storage_for
+
+    def recorded(result: Any) -> str:
+        ctx.report("recorded")
+        killed.wait(ds.JOIN_TIMEOUT)
+        return "listed"
+
+    async def main() -> str:
+        storage = storage_for(uri, storage_options=options)
+        await storage.open(writer=ctx.rank == 0)
+        try:
+            group = await anyio.to_thread.run_sync(CheckpointGroup, 10.0)
+            layout = S3Layout(storage, anyio.lowlevel.current_token())  # type: ignore[arg-type]
+            saver = DistSaver(layout, group)
+            part = saver.prepare(ds.plain_state(1), "step_1")
+            try:
+                await anyio.to_thread.run_sync(functools.partial(
+                    saver.commit, part, on_published=recorded if ctx.rank == 0 else None))
+            except Exception as exc:
+                return f"{type(exc).__name__}: {exc}"
+            return "committed"
+        finally:
+            await storage.aclose()
+
+    return anyio.run(main)
