@@ -94,6 +94,10 @@ class CachedStagingDcp(Dcp):
         if "cache_staged_state_dict" not in params:
             return (f"torch {torch.__version__} has neither DCP's DefaultStager nor "
                     "FileSystemWriter(cache_staged_state_dict=True)")
+        if not torch.cuda.is_available():
+            # its cache is allocated in pinned memory, which needs a CUDA device
+            return (f"torch {torch.__version__} has no DCP DefaultStager, and "
+                    "FileSystemWriter(cache_staged_state_dict=True) needs CUDA (pinned memory)")
         return None
 
     def _writer(self, name: str) -> Any:

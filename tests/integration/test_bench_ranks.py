@@ -10,6 +10,7 @@ import pytest
 
 pytest.importorskip("psutil")
 
+import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
 from asyncckpt._bench import _options  # noqa: E402
@@ -208,3 +209,41 @@ def _has_default_stager() -> bool:
     except ImportError:
         return False
     return True
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal is for machines without CUDA")
+def test_cached_staging_dcp_says_it_needs_cuda(tmp_path):
+    from asyncckpt._bench._dest import Destination
+    from asyncckpt._bench._dist_rank import CachedStagingDcp
+
+    reason = CachedStagingDcp(Destination(str(tmp_path))).unsupported()
+    assert reason is not None and "cache_staged_state_dict=True) needs CUDA" in reason
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cached_staging_dcp_saves_loadable_checkpoints_with_one_writer(tmp_path):
+    # The reused-staging contender of torch releases without DefaultStager; this torch may have
+    # both, so it is exercised directly, in a gloo group of one (as the single-process bench).
+    import torch.distributed.checkpoint as dcp
+
+    from asyncckpt._bench._dest import Destination
+    from asyncckpt._bench._dist_rank import CachedStagingDcp
+
+    contender = CachedStagingDcp(Destination(str(tmp_path)))
+    assert contender.unsupported() is None
+    assert contender.id == "dcp-reused-stager" and "cache_staged_state_dict" in contender.label
+    contender.open()
+    try:
+        writers = set()
+        for step in (1, 2):
+            state = {"w": torch.full((64,), float(step)), "b": torch.arange(8.0) * step}
+            assert contender.save(state, step).wait() > 0
+            writers.add(id(contender._cached))
+            loaded = {"w": torch.zeros(64), "b": torch.zeros(8)}
+            dcp.load(loaded, checkpoint_id=str(tmp_path / f"dcp-reused-stager-{step}"))
+            assert torch.equal(loaded["w"], state["w"]) and torch.equal(loaded["b"], state["b"])
+        assert len(writers) == 1
+    finally:
+        contender.close()
+    assert not dist.is_initialized()
