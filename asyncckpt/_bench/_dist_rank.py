@@ -126,14 +126,16 @@ def make_contenders(dest: Destination, select: tuple[str, ...]) -> list[Contende
     Raises:
         ValueError: one of them cannot run with this torch (the message says why).
     """
-    eager = RankAsyncckpt(dest)
-    reused: Contender = (Dcp(dest, reuse_stager=True) if _has_default_stager()
-                         else CachedStagingDcp(dest))
-    if isinstance(reused, Dcp) and not isinstance(reused, CachedStagingDcp):
+    reused: Contender
+    if _has_default_stager():
+        reused = Dcp(dest, reuse_stager=True)
         reused.label = "DCP async_save (reused DefaultStager)"
-    known = {c.id: c for c in (eager, Dcp(dest, reuse_stager=False), reused,
-                               RankZeroTorchSave(dest))}
-    known["dcp"].label = "DCP async_save (new stager each save)"
+    else:
+        reused = CachedStagingDcp(dest)
+    fresh = Dcp(dest, reuse_stager=False)
+    fresh.label = "DCP async_save (new stager each save)"
+    known: dict[str, Contender] = {
+        c.id: c for c in (RankAsyncckpt(dest), fresh, reused, RankZeroTorchSave(dest))}
     chosen = [known[cid] for cid in select]
     for contender in chosen:
         reason = contender.unsupported()
@@ -203,17 +205,17 @@ def _run_case(spec: dict[str, Any], dest: Destination, size: int, layout: str,
     saves: dict[str, list[dict[str, Any]]] = {c.id: [] for c in contenders}
     for contender in contenders:
         contender.open()
-    try:
-        for round_ in range(spec["saves"]):
-            floors.append(_floors(refs))
-            shift = round_ % len(contenders)
-            for contender in contenders[shift:] + contenders[:shift]:
-                saves[contender.id].append(_save_once(contender, state.tree, round_ + 1, probe))
-    finally:
-        for contender in contenders:
-            contender.close()
-        dist.barrier()
-        shutil.rmtree(refs.dest.root, ignore_errors=True)
+    # No try/finally: closing is collective, and after a failure the other ranks are not there
+    # to take part; the parent ends every rank and removes its own destination.
+    for round_ in range(spec["saves"]):
+        floors.append(_floors(refs))
+        shift = round_ % len(contenders)
+        for contender in contenders[shift:] + contenders[:shift]:
+            saves[contender.id].append(_save_once(contender, state.tree, round_ + 1, probe))
+    for contender in contenders:
+        contender.close()
+    dist.barrier()
+    shutil.rmtree(refs.dest.root, ignore_errors=True)
     return {"size": size, "layout": layout, "state_bytes": state.nbytes,
             "tensors": state.tensors, "share_bytes": share_bytes, "floors": floors,
             "saves": saves, "labels": {c.id: c.label for c in contenders}}
@@ -222,14 +224,13 @@ def _run_case(spec: dict[str, Any], dest: Destination, size: int, layout: str,
 def _run_training(spec: dict[str, Any], dest: Destination, device: str) -> dict[str, Any]:
     eager = make_contenders(dest, ("asyncckpt-eager",))[0]
     eager.open()
-    try:
-        # Every block starts on all ranks at once (as DDP's gradient all-reduce keeps ranks in
-        # step), so one rank's baseline block never overlaps another rank's saving block.
-        return run_training([eager], nbytes=spec["train_size"], batch=spec["train_batch"],
+    # Every block starts on all ranks at once (as DDP's gradient all-reduce keeps ranks in
+    # step), so one rank's baseline block never overlaps another rank's saving block.
+    training = run_training([eager], nbytes=spec["train_size"], batch=spec["train_batch"],
                             rounds=spec["train_rounds"], save_every=spec["save_every"],
                             device=device, seed=spec["seed"], tick=lambda _: dist.barrier())
-    finally:
-        eager.close()
+    eager.close()
+    return training
 
 
 def rank_main(rank: int, world: int, port: int, spec: dict[str, Any], results: Any) -> None:
