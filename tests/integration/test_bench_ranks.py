@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import multiprocessing
 import os
 
 import pytest
@@ -134,6 +135,7 @@ def test_a_failing_rank_is_reported_and_every_rank_ends(tmp_path):
     spec = {**options.spec(str(tmp_path), ["asyncckpt-eager"]), "layouts": ["no-such-layout"]}
     with pytest.raises(RuntimeError, match="unknown layout 'no-such-layout'"):
         _launch(2, spec, deadline_s=120)
+    assert multiprocessing.active_children() == []  # every rank process has ended
 
 
 @needs_gloo
