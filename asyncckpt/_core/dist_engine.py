@@ -4,11 +4,13 @@ Under ``torch.distributed`` every rank opens a checkpointer on the same folder a
 ``save()`` with the same step in the same order. What differs from the single-process engine::
 
     open      rank 0: lock + resume the folder, remove leftovers of unfinished saves
+              (S3: every rank opens its own client session)
               every rank: create the checkpoint group (gloo; collective), receive rank 0's index
     save()    training thread: plan + copy this rank's share (PartSnapshots.take), queue it
     writer    DistSaver.commit (worker thread): write this rank's file, agree with every rank,
-                rank 0 renames the directory into place and, before telling the others,
-                commits the index entry (latest, best, rotation) on the loop
+                rank 0 renames the directory into place (S3: nothing to rename) and, before
+                telling the others, commits the index entry (latest, best, rotation) on the
+                loop: on S3 that entry is what makes the checkpoint exist
               every rank: the same entry, from rank 0, applied to its own view of the index
               rank 0: pointer, deletions (a rotated directory is moved aside, then removed)
     close     drain the queue, then release the group
@@ -21,20 +23,20 @@ Only rank 0 writes the index; the other ranks keep an in-memory mirror of it
 from __future__ import annotations
 
 import functools
-import os
 import time
 from collections.abc import Callable, Iterable
 
 import anyio
 import torch.distributed as dist
 
-from .._dist import CheckpointGroup, CommitResult, DistSaver, remove_leftovers
-from .._dist.files import MANIFEST_NAME, remove_unlisted
+from .._dist import CheckpointGroup, CommitResult, DistSaver
+from .._dist.files import MANIFEST_NAME
 from .._dist.snapshots import PartSnapshot, PartSnapshots
+from .._dist.targets import layout_for
 from .._errors import CheckpointError
 from .._format.index import IndexEntry, IndexState
 from .._format.naming import FilenameTemplate
-from ..storage import Storage
+from ..storage import S3Storage, Storage
 from .config import CheckpointerConfig
 from .engine import Engine
 from .events import Written
@@ -54,8 +56,8 @@ def directory_template(filename: str) -> str:
     return filename
 
 
-def _refuse_unsupported(storage: Storage, config: CheckpointerConfig) -> str:
-    """The folder's local path; ValueError for what multi-rank checkpoints do not support."""
+def _refuse_unsupported(storage: Storage, config: CheckpointerConfig) -> None:
+    """ValueError for what multi-rank checkpoints do not support."""
     problems = []
     if config.when_full != "block":
         problems.append(
@@ -66,16 +68,14 @@ def _refuse_unsupported(storage: Storage, config: CheckpointerConfig) -> str:
         problems.append("encryption (DCP's readers need the plain layout)")
     if config.extra_types:
         problems.append("extra_types (values are saved the way DCP saves them)")
-    path = storage.local_path("probe")
-    if path is None:
+    if not isinstance(storage, S3Storage) and storage.local_path("probe") is None:
         problems.append(
-            f"the store {storage.uri} (multi-rank checkpoints need a filesystem every rank "
-            "sees: a local path on a shared filesystem)")
+            f"the store {storage.uri} (multi-rank checkpoints need a store every rank "
+            "reaches: a path on a shared filesystem, or s3://)")
     if problems:
         raise ValueError("multi-rank checkpoints (torch.distributed with several ranks) do not "
                          "support " + "; ".join(problems)
                          + ". Pass distributed=False for one independent writer per rank.")
-    return os.path.dirname(path or "")
 
 
 class MirrorFolder(CheckpointFolder):
@@ -113,7 +113,7 @@ class DistEngine(Engine):
         observers: Iterable[Observer] = (),
         clock: Callable[[], float] = time.time,
     ) -> None:
-        self.path = _refuse_unsupported(storage, config)
+        _refuse_unsupported(storage, config)
         super().__init__(storage, config, observers=observers, clock=clock)
         self._pg = config.distributed if isinstance(config.distributed, dist.ProcessGroup) \
             else None
@@ -132,10 +132,10 @@ class DistEngine(Engine):
     # -- lifecycle -------------------------------------------------------------------------------
     async def open(self) -> None:
         """Open collectively: rank 0 opens the folder, every rank joins the checkpoint group
-        and learns rank 0's index (or why rank 0 could not open it).
+        and learns rank 0's index (or why some rank could not open it).
 
         Raises:
-            CheckpointError: rank 0 could not open the folder (on rank 0: its own error).
+            CheckpointError: some rank could not open the folder (on that rank: its own error).
             CheckpointGroupError: the group could not be formed within ``dist_timeout``.
         """
         if self.lifecycle != "new":
@@ -144,31 +144,40 @@ class DistEngine(Engine):
         self.lifecycle = "open"
         try:
             failure: Exception | None = None
-            if self.rank == 0:
-                try:
+            token = anyio.lowlevel.current_token()
+            layout = layout_for(self.storage, token)
+            if layout is None:  # _refuse_unsupported let it through
+                raise RuntimeError(f"no multi-rank layout for {self.uri}")
+            try:
+                if self.rank == 0:
                     await self.storage.open(writer=True)
-                    self.storage.writer_token = anyio.lowlevel.current_token()
+                    self.storage.writer_token = token
                     await self.folder.open_for_writing()
-                    await anyio.to_thread.run_sync(remove_leftovers, self.path)
                     index = self.folder.index
-                    await anyio.to_thread.run_sync(
-                        remove_unlisted, self.path, {*index.names, *index.pending_deletes})
+                    await layout.remove_leftovers({*index.names, *index.pending_deletes})
                     await self.folder.delete_pending(self._delete_failed)
-                except Exception as exc:  # the other ranks must hear of it, not wait
-                    failure = exc
+                elif isinstance(self.storage, S3Storage):  # every rank uploads its own file
+                    await self.storage.open(writer=False)
+                    self.storage.writer_token = token  # readers given it must not close it
+            except Exception as exc:  # the other ranks must hear of it, not wait
+                failure = exc
             group = self.group = await anyio.to_thread.run_sync(
                 functools.partial(CheckpointGroup, self.config.dist_timeout, ranks_of=self._pg))
-            shared = (None, self.folder.index) if failure is None else (
-                f"{type(failure).__name__}: {failure}", None)
-            error, index = await anyio.to_thread.run_sync(functools.partial(
-                group.broadcast, shared, what=f"open the checkpoint folder {self.uri}"))
+            what = f"open the checkpoint folder {self.uri}"
+            gathered = await anyio.to_thread.run_sync(functools.partial(
+                group.all_gather, None if failure is None else
+                f"{type(failure).__name__}: {failure}", what=what))
             if failure is not None:
                 raise failure
-            if error is not None:
-                raise CheckpointError(f"rank 0 could not open the checkpoint folder: {error}")
+            errors = [f"rank {r}: {e}" for r, e in enumerate(gathered) if e is not None]
+            if errors:
+                raise CheckpointError("could not open the checkpoint folder on every rank: "
+                                      + "; ".join(errors))
+            index = await anyio.to_thread.run_sync(functools.partial(
+                group.broadcast, self.folder.index if self.rank == 0 else None, what=what))
             if isinstance(self.folder, MirrorFolder):
                 self.folder.adopt(index)
-            self.saver = self.snapshots.saver = DistSaver(self.path, group,
+            self.saver = self.snapshots.saver = DistSaver(layout, group,
                                                           pool=self.snapshots.pool)
             self.queue.open()
             self.snapshots.open()

@@ -8,7 +8,6 @@ through that same open file, so a file swapped in meanwhile is never loaded unch
 
 from __future__ import annotations
 
-import functools
 import io
 import os
 import warnings
@@ -139,9 +138,7 @@ def load(
                 entry, name = _choose(target, which, source)
                 if entry is not None and entry.kind is not None:  # a multi-rank checkpoint
                     storage = target.storage
-                    return await anyio.to_thread.run_sync(
-                        functools.partial(load_directory, storage, entry, verify=verify)
-                    ), _DIRECTORY
+                    return await load_directory(storage, entry, verify=verify), _DIRECTORY
                 try:
                     return await _read(target.storage, name, entry, verify, dec_key, dec_mode)
                 except FileNotFoundError as exc:

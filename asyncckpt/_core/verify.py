@@ -120,7 +120,7 @@ def verify(
 async def _check_entry(storage: Storage, entry: IndexEntry, load: bool) -> Problem | None:
     uri = storage.uri_of(entry.name)
     if entry.kind is not None:  # a multi-rank checkpoint: every file against the index
-        found = await anyio.to_thread.run_sync(directory_problem, storage, entry, load)
+        found = await directory_problem(storage, entry, load)
         return None if found is None else Problem(found[0], entry.name, found[1])  # type: ignore[arg-type]
     try:
         await CheckpointFolder(storage).check(entry)

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import anyio
@@ -24,6 +24,7 @@ from .._format.crypto import Encryption
 from .._format.serialize import serialize
 from .._snapshot.snapshot import Snapshot
 from ..storage import BlockingWrite, Storage
+from ..storage._produce import write_produced
 from .config import Reducer
 from .jobthread import JobThread
 
@@ -31,16 +32,8 @@ __all__ = ["CheckpointWriter"]
 
 logger = logging.getLogger("asyncckpt")
 
-_CHANNEL_DEPTH = 8  # chunks in flight between the serializer thread and storage.write
-_END = object()  # the serializer finished; anything else ending the stream is an abort
-
-
 class _JobCancelled(Exception):
     """The blocking job stopped because its task was cancelled (the cancellation is raised)."""
-
-
-class _ProducerStopped(Exception):
-    """The serializer stopped before the end of the stream (its own error is raised instead)."""
 
 
 class CheckpointWriter:
@@ -87,55 +80,17 @@ class CheckpointWriter:
         sink = self.storage.blocking_write(name, size_hint=snapshot.nbytes)
         if sink is not None:
             return await self._write_blocking(name, snapshot, sink)
-        send, recv = anyio.create_memory_object_stream[object](_CHANNEL_DEPTH)
-        outcome: dict[str, Any] = {}
         options = self._options
         encryption = self._encryption
 
-        def produce() -> tuple[int, str]:
-            def emit(chunk: object) -> None:
-                anyio.from_thread.run(send.send, chunk)
-
+        def produce(emit: Callable[[Any], None]) -> tuple[int, str]:
             if encryption is None:
-                result = serialize(snapshot, emit, **options)
-            else:
-                sealer = encryption.sealer(emit)
-                serialize(snapshot, sealer.write, **options)
-                result = sealer.finish()
-            anyio.from_thread.run(send.send, _END)
-            return result
+                return serialize(snapshot, emit, **options)
+            sealer = encryption.sealer(emit)
+            serialize(snapshot, sealer.write, **options)
+            return sealer.finish()
 
-        async def producer() -> None:
-            with send:
-                try:
-                    outcome["result"] = await anyio.to_thread.run_sync(produce)
-                except Exception as exc:
-                    outcome["error"] = exc
-
-        async def chunks() -> Any:
-            async for item in recv:
-                if item is _END:
-                    return
-                yield item
-            raise _ProducerStopped
-
-        storage_error: Exception | None = None
-        written = 0
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(producer)
-            with recv:  # closing it unblocks a producer waiting to send, whatever happens here
-                stream = chunks()
-                try:
-                    written = await self.storage.write(name, stream)
-                except Exception as exc:
-                    storage_error = exc
-                finally:
-                    await stream.aclose()
-        if storage_error is not None and not isinstance(storage_error, _ProducerStopped):
-            raise storage_error  # the root cause; the serializer only saw the stream close
-        if "error" in outcome:
-            raise outcome["error"]
-        size, checksum = outcome["result"]
+        written, (size, checksum) = await write_produced(self.storage, name, produce)
         await self._check_written(name, written, size)
         return size, checksum
 

@@ -1,4 +1,4 @@
-"""The on-disk layout of a multi-rank checkpoint, and the local-filesystem steps that commit it.
+"""The layout of a multi-rank checkpoint, its files, and the local-filesystem steps that commit it.
 
 A committed checkpoint is a directory that ``torch.distributed.checkpoint`` reads as is::
 
@@ -19,7 +19,8 @@ While a save runs, every rank writes into ``.asyncckpt-tmp.<name>.<session>.<n>/
 final directory (the same name on every rank, derived from the checkpoint group's session id
 and the save counter, so no collective is needed to agree on it). Rank 0 renames it to
 ``<name>`` only after every rank reported its files durable; a crash leaves only the temporary
-directory, which :func:`remove_leftovers` deletes.
+directory, which :func:`remove_leftovers` deletes. On S3 the same files are objects under
+``<name>/`` and the index entry is the commit (``targets.py`` holds what differs per store).
 """
 
 from __future__ import annotations
@@ -29,10 +30,11 @@ import os
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, BinaryIO
+from typing import TYPE_CHECKING, Any
 
 import torch
 
+from .._errors import StorageError
 from .._format.hashing import Hasher
 from .._format.serialize import serialize
 from .._snapshot.snapshot import Snapshot
@@ -42,12 +44,16 @@ from ..storage._dirs import (
     remove_checkpoint_directory,
 )
 
+if TYPE_CHECKING:
+    from .targets import SaveTarget
+
 __all__ = [
     "MANIFEST_NAME",
     "METADATA_NAME",
     "TEMP_PREFIX",
     "FileRecord",
     "ItemLocation",
+    "check_name",
     "fsync_dir",
     "publish_dir",
     "rank_file_name",
@@ -84,6 +90,16 @@ class ItemLocation:
     length: int
 
 
+def check_name(name: str) -> None:
+    """ValueError unless ``name`` can name a checkpoint directory (and an S3 folder)."""
+    if not isinstance(name, str) or not name or name in (".", "..") or "/" in name \
+            or os.sep in name or name.startswith("."):
+        raise ValueError(
+            f"checkpoint name {name!r} must be a non-empty directory name without '/' that does "
+            "not start with '.'"
+        )
+
+
 def rank_file_name(rank: int) -> str:
     """The file a rank writes (DCP's own naming: prefix ``__<rank>_``, first file)."""
     return f"__{rank}_0.distcp"
@@ -93,36 +109,37 @@ def temp_dir_name(name: str, session: str, sequence: int) -> str:
     return f"{TEMP_PREFIX}{name}.{session}.{sequence}"
 
 
-def _open_new(path: str) -> BinaryIO:
-    return open(path, "xb")  # noqa: SIM115 - closed by write_rank_file
-
-
 def write_rank_file(
-    path: str,
+    target: SaveTarget,
+    rank: int,
     payloads: list[torch.Tensor | bytes],
     snapshot: Snapshot | None,
-    *,
-    open_file: Callable[[str], BinaryIO] = _open_new,
 ) -> tuple[FileRecord, list[ItemLocation]]:
-    """Write ``payloads`` one after the other into a new file, fsync it, and describe it.
+    """Write ``payloads`` one after the other into this rank's file of ``target``, durably,
+    and describe it.
 
     Args:
-        path: the file to create (it must not exist).
+        target: where the save's files go.
+        rank: the rank writing (names the file).
         payloads: host tensors (serialized as ``torch.save`` archives, zero-copy from the
             snapshot's arena) or ready ``torch.save`` bytes of non-tensor values.
         snapshot: the snapshot the tensors belong to (its memory ranges let the serializer
             pass tensor bytes to the file without copying them).
-        open_file: how to create the file (tests inject faults here).
+
+    Raises:
+        StorageError: the store kept another number of bytes than were written.
     """
     hasher = Hasher()
     locations: list[ItemLocation] = []
     ranges = snapshot.ranges if snapshot is not None else []
-    with open_file(path) as f:
-        position = 0
+    position = 0
+
+    def produce(sink: Callable[[Any], None]) -> None:
+        nonlocal position
 
         def emit(chunk: memoryview | bytearray) -> None:
             nonlocal position
-            f.write(chunk)
+            sink(chunk)
             hasher.update(chunk)
             position += len(chunk)
 
@@ -132,11 +149,18 @@ def write_rank_file(
                 emit(memoryview(payload))
             else:
                 serialize(Snapshot(payload, payload.nbytes, {}, [], ranges, None), emit,
-                          cpu_locations=True, borrowed=True)
+                          cpu_locations=True, borrowed=target.borrowing)
             locations.append(ItemLocation(start, position - start))
-        f.flush()
-        os.fsync(f.fileno())
-    return FileRecord(os.path.basename(path), position, hasher.hexdigest()), locations
+
+    name = rank_file_name(rank)
+    _check_stored(target, name, target.write_file(name, produce), position)
+    return FileRecord(name, position, hasher.hexdigest()), locations
+
+
+def _check_stored(target: SaveTarget, name: str, stored: int, size: int) -> None:
+    if stored != size:
+        uri = f"{target.location}/{name}"
+        raise StorageError(f"storage accepted {stored} of {size} bytes for {uri}", uri)
 
 
 def fsync_dir(path: str) -> None:
@@ -148,18 +172,15 @@ def fsync_dir(path: str) -> None:
         os.close(fd)
 
 
-def write_small_file(path: str, data: bytes) -> FileRecord:
-    """Write, fsync and describe a small file (the metadata, the manifest)."""
-    with open(path, "xb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
+def write_small_file(target: SaveTarget, name: str, data: bytes) -> FileRecord:
+    """Write a small file of ``target`` (the metadata, the manifest) durably, and describe it."""
+    _check_stored(target, name, target.write_file(name, lambda emit: emit(data)), len(data))
     hasher = Hasher()
     hasher.update(data)
-    return FileRecord(os.path.basename(path), len(data), hasher.hexdigest())
+    return FileRecord(name, len(data), hasher.hexdigest())
 
 
-def write_manifest(directory: str, name: str, world_size: int,
+def write_manifest(target: SaveTarget, name: str, world_size: int,
                    files: list[FileRecord]) -> FileRecord:
     doc = {
         "format": _FORMAT,
@@ -167,7 +188,7 @@ def write_manifest(directory: str, name: str, world_size: int,
         "world_size": world_size,
         "files": {f.name: {"size": f.size, "checksum": f.checksum} for f in files},
     }
-    return write_small_file(os.path.join(directory, MANIFEST_NAME),
+    return write_small_file(target, MANIFEST_NAME,
                             json.dumps(doc, indent=1, sort_keys=True).encode())
 
 

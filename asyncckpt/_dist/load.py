@@ -25,6 +25,7 @@ from torch.distributed.checkpoint.default_planner import (
 from torch.distributed.checkpoint.filesystem import FileSystemReader
 from torch.distributed.checkpoint.planner import ReadItem
 from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
+from torch.distributed.checkpoint.storage import StorageReader
 
 from .._errors import IntegrityError
 from .._format.hashing import Hasher
@@ -105,7 +106,8 @@ def verify_directory(directory: str | os.PathLike[str], *,
 
 
 def load_into(state: dict[str, Any], directory: str | os.PathLike[str], *,
-              group: CheckpointGroup | None = None, verify: bool = True) -> None:
+              group: CheckpointGroup | None = None, verify: bool = True,
+              reader: StorageReader | None = None) -> None:
     """Load a multi-rank checkpoint into ``state`` in place (collective, any world size).
 
     ``state`` is what DCP's ``load`` takes: a dict whose values are tensors, DTensors, nested
@@ -116,7 +118,9 @@ def load_into(state: dict[str, Any], directory: str | os.PathLike[str], *,
         directory: a committed checkpoint directory.
         group: the checkpoint process group; when torch.distributed runs with several ranks
             and none is given, a temporary one is created (collectively) and destroyed.
-        verify: check every file's checksum first.
+        verify: check every file's checksum first (a local directory only).
+        reader: DCP's reader of the checkpoint (default: the local directory's); the caller
+            verified a checkpoint read through another one.
     """
     if not isinstance(state, dict):
         raise TypeError(
@@ -129,26 +133,35 @@ def load_into(state: dict[str, Any], directory: str | os.PathLike[str], *,
     if own:
         group = CheckpointGroup()
     try:
-        if verify:
+        if verify and reader is None:
             verify_directory(directory, group=group)
+        where: dict[str, Any] = {"checkpoint_id": directory} if reader is None \
+            else {"storage_reader": reader}
         if distributed and group is not None:
-            dcp.load(state, checkpoint_id=directory, planner=_LoadPlanner(),
-                     process_group=group.pg)
+            dcp.load(state, planner=_LoadPlanner(), process_group=group.pg, **where)
         else:
-            dcp.load(state, checkpoint_id=directory, planner=_LoadPlanner(), no_dist=True)
+            dcp.load(state, planner=_LoadPlanner(), no_dist=True, **where)
     finally:
         if own and group is not None:
             group.destroy()
 
 
-def load_full(directory: str | os.PathLike[str], *, verify: bool = True) -> dict[str, Any]:
+def load_full(directory: str | os.PathLike[str], *, verify: bool = True,
+              reader: StorageReader | None = None) -> dict[str, Any]:
     """The whole state of a multi-rank checkpoint, with full (unsharded) tensors, in this
-    process alone (no collective)."""
+    process alone (no collective).
+
+    Args:
+        directory: a committed checkpoint directory.
+        verify: check every file's checksum first (a local directory only).
+        reader: DCP's reader of the checkpoint (default: the local directory's); the caller
+            verified a checkpoint read through another one.
+    """
     directory = os.fspath(directory)
-    if verify:
+    if verify and reader is None:
         verify_directory(directory)
     state: dict[str, Any] = {}
     # the internal entry point, as dcp_to_torch_save uses: dcp.load() would fill a copy
-    _load_state_dict(state, storage_reader=FileSystemReader(directory),
+    _load_state_dict(state, storage_reader=reader or FileSystemReader(directory),
                      planner=_FullLoadPlanner(), no_dist=True)
     return state

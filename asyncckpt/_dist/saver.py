@@ -6,13 +6,15 @@ One save, on every rank, in the same order::
       local plan (DCP planner) -> structure key -> cached plan still valid?
       snapshot the items this rank writes (cached plan) or holds (no valid plan)
     commit(part)                   writer thread
-      write __<rank>_0.distcp into .asyncckpt-tmp.<name>.<session>.<n>/, fsync
+      write __<rank>_0.distcp (a shared filesystem: into .asyncckpt-tmp.<name>.<session>.<n>/,
+                                  fsync; S3: the object <name>/__<rank>_0.distcp)
       all_gather(record)           durable? files, sizes, checksums, structure key, plan used
         any rank failed / names differ  -> every rank raises DistributedSaveError
         plan used != plan the keys call for
                                    -> gather local plans, rank 0 plans (DCP dedup),
                                       scatter; ranks rewrite their file; all_gather again
-      rank 0: .metadata, manifest, fsync, rename to <name>, fsync parent
+      rank 0: .metadata, manifest, publish (rename to <name>, fsync parent; S3: nothing),
+              on_published (the index entry: on S3 that is the commit)
       broadcast(outcome)           every rank returns the same CommitResult or raises
 
 Steady state (structure unchanged) costs one all_gather of a ~200-byte record per rank (plus
@@ -26,7 +28,6 @@ from __future__ import annotations
 import dataclasses
 import os
 import pickle
-import shutil
 import threading
 import uuid
 from collections.abc import Callable, Mapping
@@ -45,17 +46,15 @@ from .errors import DistributedSaveError
 from .files import (
     METADATA_NAME,
     FileRecord,
-    _open_new,
-    publish_dir,
+    check_name,
     rank_file_name,
-    temp_dir_name,
-    unpublish_dir,
     write_manifest,
     write_rank_file,
     write_small_file,
 )
 from .group import CheckpointGroup
 from .planning import GlobalPlan, is_bytes, make_local_plan, plan_global, plan_id
+from .targets import Layout, LocalLayout, SaveTarget, create_file
 
 __all__ = ["CommitResult", "DistSaver", "RankPart"]
 
@@ -76,6 +75,8 @@ class RankPart:
     payloads: list[torch.Tensor | bytes] = field(default_factory=list)
     snapshot: Snapshot | None = None
     error: BaseException | None = None
+    # the outcome broadcast failed: rank 0 may have recorded the checkpoint already
+    outcome_unknown: bool = False
 
 
 @dataclass(frozen=True)
@@ -83,8 +84,8 @@ class CommitResult:
     """A committed multi-rank checkpoint, the same on every rank.
 
     Attributes:
-        name: the directory's name under the parent.
-        directory: its path.
+        name: the checkpoint's name under the parent.
+        directory: its path (or URI on S3).
         files: every file in it (rank files, ``.metadata``, manifest) with size and checksum:
             what the index entry records and ``verify`` checks.
         world_size: ranks that wrote it.
@@ -126,26 +127,34 @@ class _Cached:
 
 
 class DistSaver:
-    """Saves multi-rank checkpoints into one parent directory on a filesystem every rank sees.
+    """Saves multi-rank checkpoints into one folder every rank reaches: a directory on a shared
+    filesystem or an S3 prefix (:mod:`.targets`).
 
     Collective: every rank creates one, and calls :meth:`prepare` then :meth:`commit` for every
     save, with the same names in the same order. :meth:`prepare` runs on the training thread
     (it copies this rank's share of the state); :meth:`commit` may run on another thread.
 
     Args:
-        parent: the directory that holds the checkpoint directories.
+        parent: the folder that holds the checkpoints: a directory path (a
+            :class:`LocalLayout`) or a :class:`Layout`.
         group: the checkpoint process group (owned by the caller).
         pool: host buffers for snapshots (default: a private pool of 2 arenas).
-        open_file: how rank files are created (tests inject storage faults here).
+        open_file: how files are created in a directory ``parent`` (tests inject faults).
+
+    Raises:
+        ValueError: ``open_file`` was given with a :class:`Layout`.
     """
 
-    def __init__(self, parent: str | os.PathLike[str], group: CheckpointGroup, *,
+    def __init__(self, parent: str | os.PathLike[str] | Layout, group: CheckpointGroup, *,
                  pool: BufferPool | None = None,
-                 open_file: Callable[[str], BinaryIO] = _open_new) -> None:
-        self.parent = os.fspath(parent)
+                 open_file: Callable[[str], BinaryIO] = create_file) -> None:
+        if isinstance(parent, Layout) and open_file is not create_file:
+            raise ValueError(f"DistSaver: open_file cannot be combined with the layout {parent!r}")
+        self.layout = parent if isinstance(parent, Layout) \
+            else LocalLayout(parent, open_file=open_file)
+        self.parent = self.layout.location
         self.group = group
         self.pool = pool if pool is not None else BufferPool(2)
-        self._open_file = open_file
         self._on_published: Callable[[CommitResult], Any] | None = None
         self._lock = threading.Lock()
         self._plan: _Cached | None = None  # shared with the caller thread
@@ -155,7 +164,7 @@ class DistSaver:
             (None, {}) for _ in range(group.world_size)
         ]  # rank 0: what each rank's storage was at the last commit
         if group.rank == 0:
-            os.makedirs(self.parent, exist_ok=True)
+            self.layout.prepare()
         self.plans_made = 0
 
     @property
@@ -174,7 +183,7 @@ class DistSaver:
         part = RankPart(self.group.next_sequence(), name)
         try:
             if name is not None:
-                _check_name(name)
+                check_name(name)
             local = make_local_plan(state, is_coordinator=self.rank == 0)
             part.key, part.local_plan = local.key, dataclasses.replace(local.plan)
             with self._lock:
@@ -231,7 +240,7 @@ class DistSaver:
         if name is not None:
             part.name = name
             try:
-                _check_name(name)
+                check_name(name)
             except ValueError as exc:  # reported to every rank at the agreement
                 part.error = part.error or exc
         if part.name is None:
@@ -239,33 +248,26 @@ class DistSaver:
             part.error = part.error or ValueError(
                 "no checkpoint name was given to prepare() or commit()")
         self._on_published = on_published
-        temp = os.path.join(self.parent,
-                            temp_dir_name(part.name, self.group.session, part.sequence))
-        final = os.path.join(self.parent, part.name)
+        target = self.layout.target(part.name, self.group.session, part.sequence)
         try:
-            record = self._write(part, temp, part.items, part.used)
-            return self._agree(part, record, temp, final)
+            record = self._write(part, target, part.items, part.used)
+            return self._agree(part, record, target)
         except BaseException:
-            _remove_part(temp, self.rank)
+            target.discard(self.rank, recorded_maybe=part.outcome_unknown)
             raise
         finally:
             self.release(part)
 
-    def _write(self, part: RankPart, temp: str, items: list[WriteItem] | tuple[WriteItem, ...],
-               used: str | None) -> _Record:
+    def _write(self, part: RankPart, target: SaveTarget,
+               items: list[WriteItem] | tuple[WriteItem, ...], used: str | None) -> _Record:
         file: FileRecord | None = None
         storage: dict[MetadataIndex, tuple[int, int]] = {}
         error = None if part.error is None else _describe(part.error)
         if error is None:
             try:
-                os.makedirs(temp, exist_ok=True)
-                path = os.path.join(temp, rank_file_name(self.rank))
-                if os.path.exists(path):
-                    os.unlink(path)  # a rewrite after re-planning
                 position = {item.index: k for k, item in enumerate(part.items)}
                 payloads = [part.payloads[position[item.index]] for item in items]
-                file, where = write_rank_file(path, payloads, part.snapshot,
-                                              open_file=self._open_file)
+                file, where = write_rank_file(target, self.rank, payloads, part.snapshot)
                 storage = {item.index: (loc.offset, loc.length)
                            for item, loc in zip(items, where, strict=True)}
             except Exception as exc:
@@ -279,7 +281,7 @@ class DistSaver:
         return _Record(self.rank, part.sequence, part.name, error, part.key, used, file,
                        storage, full)
 
-    def _agree(self, part: RankPart, record: _Record, temp: str, final: str) -> CommitResult:
+    def _agree(self, part: RankPart, record: _Record, target: SaveTarget) -> CommitResult:
         what = f"commit checkpoint {part.name!r}"
         replanned: GlobalPlan | None = None
         mine: dict[MetadataIndex, tuple[int, int]] = {}
@@ -293,13 +295,13 @@ class DistSaver:
                 {current.id} if current is not None else set())
             if (all(r.used in accepted for r in records)
                     and (replanned is not None or plan_id([r.key for r in records]) in accepted)):
-                return self._publish(part, records, temp, final, replanned, mine)
+                return self._publish(part, records, target, replanned, mine)
             if replanned is not None:  # cannot happen: every rank wrote the scattered plan
                 raise DistributedSaveError(f"{what}: ranks wrote different plans after re-planning")
             replanned = self._replan(part, records)
             items = replanned.items[self.rank]
             # a failure here is reported to every rank in the next round
-            record = self._write(part, temp, items, replanned.id)
+            record = self._write(part, target, items, replanned.id)
         raise AssertionError("unreachable")  # pragma: no cover
 
     def _merge_own(self, record: _Record) -> dict[MetadataIndex, tuple[int, int]]:
@@ -343,7 +345,7 @@ class DistSaver:
             )
         return restricted
 
-    def _publish(self, part: RankPart, records: list[_Record], temp: str, final: str,
+    def _publish(self, part: RankPart, records: list[_Record], target: SaveTarget,
                  replanned: GlobalPlan | None, mine: dict[MetadataIndex, tuple[int, int]],
                  ) -> CommitResult:
         name = part.name or ""  # set by commit()
@@ -354,7 +356,7 @@ class DistSaver:
         if self.rank == 0:
             try:
                 known = [self._merged(r) for r in records]
-                extra = self._write_metadata(part, records, temp, final, used, known)
+                extra = self._write_metadata(part, records, target, used, known)
             except Exception as exc:
                 outcome = (_describe(exc), [], None)
             else:
@@ -362,21 +364,26 @@ class DistSaver:
                 if self._on_published is not None:
                     try:
                         value = self._on_published(CommitResult(
-                            name, final, (*files, *extra), len(records), replanned is not None))
+                            name, target.location, (*files, *extra), len(records),
+                            replanned is not None))
                     except Exception as exc:
-                        unpublish_dir(final)
+                        target.unpublish()
                         outcome = (f"recording it failed: {_describe(exc)}", [], None)
                     else:
                         outcome = (None, extra, value)
-        error, extra, published = self.group.broadcast(
-            outcome, what=f"publish checkpoint {name!r}")
+        try:
+            error, extra, published = self.group.broadcast(
+                outcome, what=f"publish checkpoint {name!r}")
+        except BaseException:
+            part.outcome_unknown = True
+            raise
         if error is not None:
             raise DistributedSaveError(
                 f"checkpoint {name!r} was not published by rank 0: {error}", (0,))
         self._sent = (used, mine)
         if self.rank == 0:
             self._known = [(used, k) for k in known]
-        return CommitResult(name, final, (*files, *extra), len(records),
+        return CommitResult(name, target.location, (*files, *extra), len(records),
                             replanned is not None, published)
 
     def _merged(self, record: _Record) -> dict[MetadataIndex, tuple[int, int]]:
@@ -385,7 +392,7 @@ class DistSaver:
             return dict(record.storage or {})
         return {**previous, **(record.storage or {})}
 
-    def _write_metadata(self, part: RankPart, records: list[_Record], temp: str, final: str,
+    def _write_metadata(self, part: RankPart, records: list[_Record], target: SaveTarget,
                         used: str | None, known: list[dict[MetadataIndex, tuple[int, int]]],
                         ) -> list[FileRecord]:
         base = self._metadata.get(used or "")
@@ -401,40 +408,15 @@ class DistSaver:
         versioned: dict[str, Any] = {"version": _DCP_VERSION} if _METADATA_HAS_VERSION else {}
         metadata = dataclasses.replace(
             base, storage_data=storage_data, **versioned,
-            storage_meta=StorageMeta(checkpoint_id=final, save_id=uuid.uuid4().hex),
+            storage_meta=StorageMeta(checkpoint_id=target.location, save_id=uuid.uuid4().hex),
         )
-        meta = write_small_file(os.path.join(temp, METADATA_NAME), pickle.dumps(metadata))
+        meta = write_small_file(target, METADATA_NAME, pickle.dumps(metadata))
         files = [r.file for r in records if r.file is not None] + [meta]
         if part.name is None:
             raise RuntimeError("a rank's part reached the commit without a checkpoint name")
-        manifest = write_manifest(temp, part.name, len(records), files)
-        publish_dir(temp, final)
+        manifest = write_manifest(target, part.name, len(records), files)
+        target.publish()
         return [meta, manifest]
-
-
-def _check_name(name: str) -> None:
-    if not isinstance(name, str) or not name or name in (".", "..") or "/" in name \
-            or os.sep in name or name.startswith("."):
-        raise ValueError(
-            f"checkpoint name {name!r} must be a non-empty directory name without '/' that does "
-            "not start with '.'"
-        )
-
-
-def _remove_part(temp: str, rank: int) -> None:
-    """After a failed save: every rank removes its own file, rank 0 the whole directory."""
-    if rank == 0:
-        shutil.rmtree(temp, ignore_errors=True)
-        return
-    for path in (os.path.join(temp, rank_file_name(rank)),):
-        try:
-            os.unlink(path)
-        except OSError:
-            pass
-    try:
-        os.rmdir(temp)  # empty only if every other rank is done with it
-    except OSError:
-        pass
 
 
 def _describe(exc: BaseException) -> str:

@@ -238,25 +238,64 @@ class S3Storage(Storage):
             return False
         return True
 
-    async def list(self) -> builtins.list[str]:
-        names: builtins.list[str] = []
+    async def _pages(self, prefix: str, **delimiter: str) -> AsyncIterator[dict[str, Any]]:
+        """The pages of a listing of the keys that start with ``prefix``."""
         token: dict[str, str] = {}
         while True:
-            page = await self._call("list_objects_v2", "list", self.uri, Bucket=self.bucket,
-                                    Prefix=self._dir, Delimiter="/", **token)
-            names.extend(o["Key"][len(self._dir):] for o in page.get("Contents", ()))
+            uri = self.uri if prefix == self._dir else f"s3://{self.bucket}/{prefix}"
+            page = await self._call("list_objects_v2", "list", uri, Bucket=self.bucket,
+                                    Prefix=prefix, **delimiter, **token)
+            yield page
             if not page.get("IsTruncated"):
-                break
+                return
             token = {"ContinuationToken": page["NextContinuationToken"]}
+
+    async def list(self) -> builtins.list[str]:
+        names: builtins.list[str] = []
+        async for page in self._pages(self._dir, Delimiter="/"):
+            names.extend(o["Key"][len(self._dir):] for o in page.get("Contents", ()))
         return sorted(n for n in names if n)
 
     # -- deleting --------------------------------------------------------------------------------
     async def delete(self, name: str) -> None:
+        """Remove the object ``name`` and, for a multi-rank checkpoint, the objects under
+        ``name/`` (one listing more per deletion)."""
         try:
             await self._call("delete_object", "delete", self.uri_of(name), Bucket=self.bucket,
                              Key=self.key_of(name))
         except FileNotFoundError:
             pass
+        for key in await self._keys_under(self.key_of(name) + "/"):
+            await self._delete_key(key)
+
+    async def _delete_key(self, key: str) -> None:
+        uri = f"s3://{self.bucket}/{key}"
+        try:
+            await self._call("delete_object", "delete", uri, Bucket=self.bucket, Key=key)
+        except FileNotFoundError:
+            pass
+
+    async def _keys_under(self, prefix: str) -> builtins.list[str]:
+        """Every key that starts with ``prefix`` (nested ones too)."""
+        return [o["Key"] async for page in self._pages(prefix) for o in page.get("Contents", ())]
+
+    async def folders(self) -> builtins.list[str]:
+        """The names of the folders directly under this prefix (keys ``<name>/...``)."""
+        names = [p["Prefix"][len(self._dir):].rstrip("/")
+                 async for page in self._pages(self._dir, Delimiter="/")
+                 for p in page.get("CommonPrefixes", ())]
+        return sorted(n for n in names if n)
+
+    async def files_in(self, folder: str) -> builtins.list[str]:
+        """The names of the objects under ``folder/`` (relative to it, nested ones too)."""
+        start = self.key_of(folder) + "/"
+        return sorted(key[len(start):] for key in await self._keys_under(start))
+
+    async def abort_uploads_in_folders(self) -> builtins.list[str]:
+        """Abort the multipart uploads in flight in folders under this prefix (a writer that
+        died mid-save); return their names. One writer per prefix is assumed."""
+        aborted = await self._uploads.abort_under(self._dir, exact=False, nested=True)
+        return [key[len(self._dir):] for key in aborted]
 
     async def cleanup_temporaries(self) -> builtins.list[str]:
         """Abort the multipart uploads in flight under this prefix; return their names.

@@ -259,9 +259,10 @@ class Uploads:
                 raise
 
     async def abort_under(self, prefix: str, *, keep: str | None = None,
-                          exact: bool = True) -> builtins.list[str]:
+                          exact: bool = True, nested: bool = False) -> builtins.list[str]:
         """Abort the uploads of key ``prefix`` (or, unless ``exact``, of names directly under
-        it), except ``keep``; return the aborted keys."""
+        it; with ``nested``, of names in folders under it instead), except ``keep``; return
+        the aborted keys."""
         aborted: builtins.list[str] = []
         markers: dict[str, str] = {}
         uri = f"s3://{self.bucket}/{prefix}"
@@ -270,7 +271,7 @@ class Uploads:
                                       Bucket=self.bucket, Prefix=prefix, **markers)
             for upload in page.get("Uploads", ()):
                 key, rest = upload["Key"], upload["Key"][len(prefix):]
-                mine = not rest if exact else bool(rest) and "/" not in rest
+                mine = not rest if exact else bool(rest) and ("/" in rest) == nested
                 if mine and upload["UploadId"] != keep:
                     await self._abort(key, upload["UploadId"])
                     aborted.append(key)
