@@ -12,13 +12,19 @@
                                                                                  then finish
 
 There are ``queue_size + 1`` slots: the snapshots waiting plus the one being written. A slot is
-given back when its snapshot's bytes are durable (or it is dropped), and its arena with it. All
-methods run on the writer's event loop; the sync front door reaches them with one call there.
+given back when its snapshot's bytes are durable (or it is dropped), and its arena with it.
+:meth:`SaveQueue.try_reserve` and :meth:`SaveQueue.in_flight` may be called from any thread (the
+sync front door takes a free slot on the training thread, without a round trip to the loop);
+every other method runs on the writer's event loop. Slots are counted under a lock; a save that
+waits for one (``block``, ``coalesce``) waits on the loop, first come first served: a freed slot
+goes to the oldest waiter before anyone may take it without waiting.
 """
 
 from __future__ import annotations
 
+import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -70,6 +76,14 @@ class Job:
     released: bool = field(default=False)
 
 
+@dataclass(eq=False)
+class _Waiter:
+    """A save waiting on the loop for a slot; ``granted`` once a freed slot was handed to it."""
+
+    event: anyio.Event
+    granted: bool = False
+
+
 class SaveQueue:
     """The bounded queue between the front doors and the writer task.
 
@@ -90,6 +104,9 @@ class SaveQueue:
         uri: str,
     ) -> None:
         self._slots_total = size + 1
+        self._lock = threading.Lock()  # guards _free, _waiters, _names and request.reserved
+        self._free = self._slots_total
+        self._waiters: deque[_Waiter] = deque()
         self._when_full = when_full
         self._snapshots = snapshots
         self._emit = emit
@@ -98,15 +115,13 @@ class SaveQueue:
         self._names: dict[str, list[int]] = {}  # in-flight name -> [step, count]
         self._unfinished = 0
         # Created in open(): anyio primitives belong to the event loop that runs the writer.
-        self._slots: anyio.Semaphore
         self._idle: anyio.Event
         self._send: MemoryObjectSendStream[Job]
         self._recv: MemoryObjectReceiveStream[Job]
         self._evict: MemoryObjectReceiveStream[Job]
 
     def open(self) -> None:
-        """Create the slots and the stream (on the writer's loop)."""
-        self._slots = anyio.Semaphore(self._slots_total)
+        """Create the stream (on the writer's loop)."""
         self._idle = anyio.Event()
         self._idle.set()
         self._send, self._recv = anyio.create_memory_object_stream[Job](self._slots_total)
@@ -114,11 +129,12 @@ class SaveQueue:
 
     @property
     def free_slots(self) -> int:
-        return self._slots.value
+        return self._free
 
     def in_flight(self, name: str) -> int | None:
-        """The step of a queued or running save named ``name``, if there is one."""
-        entry = self._names.get(name)
+        """The step of a queued or running save named ``name``, if there is one (any thread)."""
+        with self._lock:
+            entry = self._names.get(name)
         return None if entry is None else entry[0]
 
     # -- the front doors' side -------------------------------------------------------------------
@@ -129,18 +145,36 @@ class SaveQueue:
             await self.wait_for_slot(request)
         return request
 
+    def try_reserve(self, request: Request) -> bool:
+        """Take a free slot for ``request`` if one is free and nobody waits for one (any thread).
+
+        Returns whether ``request`` now holds a slot (``request.reserved``, set together with
+        the count under the lock, so that a caller interrupted right after this returns knows
+        whether it must :meth:`unreserve`). False: the caller goes on to :meth:`reserve_nowait`
+        on the loop, which applies ``when_full``.
+
+        Raises:
+            WriterClosedError: the queue is closed.
+        """
+        with self._lock:
+            if self._closed:
+                raise WriterClosedError(f"the checkpointer for {self._uri} closed during save()")
+            if self._free == 0 or self._waiters:
+                return False
+            self._free -= 1
+            self._add_name(request)
+            return True
+
     def reserve_nowait(self, request: Request) -> Request:
         """Take a free slot, or skip; never waits. The request comes back unreserved and
         unresolved (``request.waiting``) when the caller must go on to :meth:`wait_for_slot`
         (block, or coalesce: evicting may have to wait for a copy to stop)."""
-        try:
-            self._slots.acquire_nowait()
-        except anyio.WouldBlock:
-            if self._when_full == "skip":
-                request.handle.resolve("skipped")
-                self._emit(Skipped(request.step, request.name, "queue_full"))
+        if self.try_reserve(request):
             return request
-        return self._reserved(request)
+        if self._when_full == "skip":
+            request.handle.resolve("skipped")
+            self._emit(Skipped(request.step, request.name, "queue_full"))
+        return request
 
     async def wait_for_slot(self, request: Request) -> Request:
         """Every slot is taken and the policy blocks or coalesces (then the oldest waiting
@@ -149,15 +183,17 @@ class SaveQueue:
             return self._reserved(request)  # _evict_oldest took the slot it freed
         # block; or coalesce while every slot is held by a snapshot still being taken
         # (concurrent saves from several tasks), so nothing waits to be replaced
-        await self._slots.acquire()
+        await self._acquire()
         return self._reserved(request)
 
     def unreserve(self, request: Request) -> None:
-        """Give back the slot of a save whose snapshot failed."""
-        if request.reserved:
+        """Give back the slot of a save whose snapshot failed (on the loop)."""
+        with self._lock:
+            if not request.reserved:
+                return
             request.reserved = False
-            self._slots.release()
-            self._drop_name(request.name)
+            self._drop_name_locked(request.name)
+        self._give()
 
     def submit(self, request: Request, snapshot: Snapshot) -> SaveHandle:
         """Queue a taken snapshot and start its background copy, if it has one."""
@@ -198,7 +234,7 @@ class SaveQueue:
         if not job.released:
             job.released = True
             job.snapshot = self._snapshots.release(job.snapshot)
-            self._slots.release()
+            self._give()
 
     def finish(self, job: Job) -> None:
         """Bookkeeping when a job leaves the writer, whatever its outcome."""
@@ -228,14 +264,56 @@ class SaveQueue:
             self._evict.close()
 
     # -- internals -------------------------------------------------------------------------------
+    def _acquire_nowait(self) -> bool:
+        """Take a free slot unless there is none or someone waits for one."""
+        with self._lock:
+            if self._free == 0 or self._waiters:
+                return False
+            self._free -= 1
+            return True
+
+    async def _acquire(self) -> None:
+        """Wait for a slot, after every save that waited before (on the loop)."""
+        waiter = _Waiter(anyio.Event())
+        with self._lock:
+            if self._free and not self._waiters:
+                self._free -= 1
+                return
+            self._waiters.append(waiter)
+        try:
+            await waiter.event.wait()
+        except BaseException:
+            with self._lock:
+                granted = waiter.granted
+                if not granted:
+                    self._waiters.remove(waiter)
+            if granted:  # handed a slot just as it was cancelled: pass it on
+                self._give()
+            raise
+
+    def _give(self) -> None:
+        """Free a slot: to the oldest waiter if there is one (on the loop)."""
+        with self._lock:
+            if not self._waiters:
+                self._free += 1
+                return
+            waiter = self._waiters.popleft()
+            waiter.granted = True
+        waiter.event.set()
+
     def _reserved(self, request: Request) -> Request:
-        if self._closed:
-            self._slots.release()
-            raise WriterClosedError(f"the checkpointer for {self._uri} closed during save()")
+        """Mark ``request`` as holding the slot its caller just took."""
+        with self._lock:
+            if not self._closed:
+                self._add_name(request)
+                return request
+        self._give()
+        raise WriterClosedError(f"the checkpointer for {self._uri} closed during save()")
+
+    def _add_name(self, request: Request) -> None:
         entry = self._names.setdefault(request.name, [request.step, 0])
         entry[1] += 1
-        request.reserved = True
-        return request
+        request.reserved = True  # with the count, under the lock (see try_reserve)
 
     async def _evict_oldest(self) -> bool:
         """Coalesce: drop the oldest waiting snapshot to make room."""
@@ -247,13 +325,17 @@ class SaveQueue:
         self._emit(Skipped(job.request.step, job.request.name, "coalesced"))
         await self._snapshots.stop(job.snapshot)  # its arena is reused next: nothing may write it
         self.finish(job)
-        try:
-            self._slots.acquire_nowait()  # the slot the evicted job just gave back ...
-        except anyio.WouldBlock:  # ... unless a concurrently blocked save() was handed it first
-            await self._slots.acquire()
+        # the slot the evicted job just gave back, unless a save that waited before was
+        # handed it first
+        if not self._acquire_nowait():
+            await self._acquire()
         return True
 
     def _drop_name(self, name: str) -> None:
+        with self._lock:
+            self._drop_name_locked(name)
+
+    def _drop_name_locked(self, name: str) -> None:
         entry = self._names.get(name)
         if entry is not None:
             entry[1] -= 1

@@ -177,8 +177,10 @@ async def test_cancelling_a_save_mid_copy_releases_its_slot(tmp_path):
 
 
 def _ctrl_c_on_the_loop(monkeypatch, queue, method):
-    """Patch ``queue.<method>`` so that, when the writer's loop runs it, the training thread
-    gets a real SIGINT (it is then blocked waiting for that very call)."""
+    """Patch ``queue.<method>`` so that, when it runs, the training thread gets a real SIGINT:
+    on the writer's loop the training thread is then blocked waiting for that very call;
+    ``try_reserve`` runs on the training thread itself, which is interrupted just after it
+    took the slot."""
     main = threading.main_thread().ident
     # Python's handler even when SIGINT was inherited ignored; the caller restores ``previous``
     previous = signal.signal(signal.SIGINT, signal.default_int_handler)
@@ -194,6 +196,12 @@ def _ctrl_c_on_the_loop(monkeypatch, queue, method):
         async def patched(*args, **kwargs):
             interrupt()
             return await original(*args, **kwargs)
+    elif method == "try_reserve":
+        def patched(*args, **kwargs):  # type: ignore[misc]
+            taken = original(*args, **kwargs)
+            assert taken  # a slot was free: the interrupt lands while this save holds it
+            interrupt()
+            return taken
     else:
         def patched(*args, **kwargs):  # type: ignore[misc]
             interrupt()
@@ -203,16 +211,17 @@ def _ctrl_c_on_the_loop(monkeypatch, queue, method):
     return fired, previous
 
 
-@pytest.mark.parametrize("where", ["reserve_nowait", "wait_for_slot"])
+@pytest.mark.parametrize("where", ["try_reserve", "reserve_nowait", "wait_for_slot"])
 def test_ctrl_c_while_save_waits_for_the_writer_loses_no_queue_slot(wrapped, monkeypatch,
                                                                      where):
-    """Ctrl-C while save() waits on the writer's loop (the reservation round trip, or a full
-    queue with when_full='block'): the slot the loop hands out anyway is given back."""
+    """Ctrl-C while save() holds or waits for a slot (just after taking a free one on the
+    training thread; asking the loop about a full queue; waiting in it with
+    when_full='block'): the slot taken, or handed out by the loop anyway, is given back."""
     state = {"w": torch.ones(1000)}
     wrapped.gate = threading.Event()
     with Checkpointer(wrapped, queue_size=1, when_full="block") as ckpt:
         queue = ckpt._engine.queue
-        if where == "wait_for_slot":  # fill the queue: one save writing, one waiting
+        if where != "try_reserve":  # fill the queue: one save writing, one waiting
             ckpt.save(state, step=1)
             assert wrapped.entered.wait(timeout=60)
             ckpt.save(state, step=2)
