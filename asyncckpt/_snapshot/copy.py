@@ -188,7 +188,7 @@ def _queue_and_copy(
                 for i in specs:
                     spec = plan.storages[i]
                     if spec.nbytes:
-                        src = byte_view(spec.src, device)
+                        src = byte_view(plan.sources[i], device)
                         byte_view(dsts[i], _CPU).copy_(src, non_blocking=pinned)
             event = torch.cuda.Event()
             event.record(stream)
@@ -198,7 +198,7 @@ def _queue_and_copy(
             # pool, whose barrier costs 10-20x the copy itself when the other cores are busy
             # (our own writer thread, the data loader). A helper thread may share the pieces.
             pieces = [
-                (dsts[i].data_ptr() + start, plan.storages[i].src.data_ptr() + start,
+                (dsts[i].data_ptr() + start, plan.sources[i].data_ptr() + start,
                  min(_PIECE, plan.storages[i].nbytes - start))
                 for i in specs
                 for start in range(0, plan.storages[i].nbytes, _PIECE)
@@ -208,4 +208,4 @@ def _queue_and_copy(
             for i in specs:
                 spec = plan.storages[i]
                 if spec.nbytes:
-                    byte_view(dsts[i], _CPU).copy_(byte_view(spec.src, device))
+                    byte_view(dsts[i], _CPU).copy_(byte_view(plan.sources[i], device))

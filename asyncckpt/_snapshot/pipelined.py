@@ -19,7 +19,7 @@ import torch
 
 from .copy import CudaCopier, byte_view, copy_now, device_index, stream_of
 from .pending import CopyMonitor, DeferredStorage, GuardGroup, PendingCopy, host_checksum
-from .plan import SnapshotPlan, format_path
+from .plan import SnapshotPlan
 
 __all__ = ["Guards", "stage"]
 
@@ -56,16 +56,20 @@ def stage(
     items: list[DeferredStorage] = []
     for g, i in order:
         spec = plan.storages[i]
-        src = byte_view(spec.src, spec.device)
+        on_cuda = spec.device.type == "cuda"
+        source = plan.sources[i]
         expected = None
         if check:  # debug only: a full read now (for CUDA, a synchronous copy to the host)
-            if spec.device.type == "cuda":
+            if on_cuda:
                 with torch.cuda.stream(stream_of(spec.device, streams)):
-                    expected = host_checksum(src.cpu())
+                    expected = host_checksum(byte_view(source, spec.device).cpu())
             else:
-                expected = host_checksum(src)
-        items.append(DeferredStorage(src, byte_view(dsts[i], _CPU), format_path(spec.first_path),
-                                     g, expected))
+                expected = host_checksum(byte_view(source, spec.device))
+        if on_cuda:  # copied with copy_ below: tensors
+            items.append(DeferredStorage(byte_view(source, spec.device),
+                                         byte_view(dsts[i], _CPU), spec.first_path, g, expected))
+        else:  # memmoved by the copy thread: the storages do
+            items.append(DeferredStorage(source, dsts[i], spec.first_path, g, expected))
     # CUDA device index per item (None: a CPU storage, copied by the copy thread)
     device_of = [
         device_index(plan.storages[i].device) if plan.storages[i].device.type == "cuda" else None

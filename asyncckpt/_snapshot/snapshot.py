@@ -28,8 +28,9 @@ from .._format.paths import PathKey
 from .copy import CudaCopier, copy_now
 from .pending import CopyMonitor, PendingCopy, ProbeEvent
 from .pipelined import Guards, stage
-from .plan import SnapshotPlan, plan_snapshot
+from .plan import PlanLayout, SnapshotPlan, plan_snapshot
 from .pool import Arena, BufferPool
+from .replay import ArenaBinding, replay_plan
 
 __all__ = ["Snapshot", "SnapshotMode", "Snapshotter", "take_snapshot"]
 
@@ -104,11 +105,18 @@ def take_snapshot(
     """
     if arena.capacity < plan.nbytes:
         raise ValueError(f"arena of {arena.capacity} bytes cannot hold {plan.nbytes} bytes")
-    base = arena.storage
-    dsts: list[torch.UntypedStorage] = []
-    for spec in plan.storages:
-        end = spec.offset + spec.nbytes
-        dsts.append(base[spec.offset : end] if spec.nbytes else torch.UntypedStorage(0))
+    bound = plan.bound
+    if bound is not None and arena.binding is not bound:
+        raise ValueError("the plan's placeholders are bound to another arena")
+    dsts: list[torch.UntypedStorage]
+    if isinstance(bound, ArenaBinding):
+        dsts = bound.dsts  # the placeholders in the tree already view them
+    else:
+        base = arena.storage
+        dsts = []
+        for spec in plan.storages:
+            end = spec.offset + spec.nbytes
+            dsts.append(base[spec.offset : end] if spec.nbytes else torch.UntypedStorage(0))
     group_of: dict[int, int] = {}
     if pipelined:
         for g, (_, owned) in enumerate(plan.owners):
@@ -124,9 +132,16 @@ def take_snapshot(
         else:
             copy_now(plan, dsts, eager, copier, streams, arena.pinned, helper)
         try:
-            for tc in plan.tensors:
-                tc.dst.set_(dsts[tc.storage], tc.storage_offset, tc.size, tc.stride)
+            if bound is None:
+                for tc, dst in zip(plan.tensors, plan.placeholders, strict=True):
+                    dst.set_(dsts[tc.storage], tc.storage_offset, tc.size, tc.stride)
+                # The next replay of this layout into this arena reuses these placeholders.
+                arena.binding = (
+                    None if plan.layout is None
+                    else ArenaBinding(plan.layout, dsts, plan.placeholders)
+                )
         except BaseException:  # (Ctrl-C): the caller gives the arena back when this raises
+            arena.binding = None
             if pending is not None:
                 pending.cancel()  # a copy never started: returns once queued device copies did
             raise
@@ -141,8 +156,7 @@ def take_snapshot(
     keepalive += plan.cloned
     # Drop the references to the caller's storages: the snapshot must not keep them alive
     # (a pending copy holds the ones it still reads until it stopped).
-    for spec in plan.storages:
-        spec.src = None  # type: ignore[assignment]
+    plan.sources = []
     return Snapshot(
         tree=plan.tree,
         nbytes=sum(s.nbytes for s in plan.storages) + sum(s.nbytes() for s in plan.cloned),
@@ -185,6 +199,11 @@ class Snapshotter:
         self._on_guard = on_guard
         self._copier = CudaCopier()
         self._copy_thread: ThreadPoolExecutor | None = None
+        # The layout of the last state planned from scratch (see replay.py); replaced whole,
+        # never changed, so concurrent saves may read it.
+        self._layout: PlanLayout | None = None
+        #: saves planned by replaying the last layout (the others were planned from scratch)
+        self.replays = 0
 
     def open(self) -> None:
         """Start the copy thread (pipelined copies run there; large eager ones share it)."""
@@ -200,8 +219,7 @@ class Snapshotter:
 
         A pipelined snapshot's background copy is not started yet: :meth:`start` starts it.
         """
-        plan = plan_snapshot(state, self._extra_types)
-        arena = self.pool.acquire(plan.nbytes)
+        plan, arena = self._plan(state, mode)
         try:
             return take_snapshot(
                 plan, arena, self._copier,
@@ -214,6 +232,31 @@ class Snapshotter:
         except BaseException:
             self.pool.release(arena)
             raise
+
+    def _plan(self, state: object, mode: SnapshotMode) -> tuple[SnapshotPlan, Arena]:
+        """Plan ``state`` (replaying the last layout when its structure repeats) and take an
+        arena for it."""
+        layout = self._layout
+        if layout is not None:
+            arena = self.pool.acquire(layout.nbytes)
+            try:
+                binding = arena.binding
+                plan = replay_plan(
+                    state, layout,
+                    binding if isinstance(binding, ArenaBinding) and binding.layout is layout
+                    else None,
+                    self._extra_types, owners=mode == "pipelined",
+                )
+            except BaseException:
+                self.pool.release(arena)
+                raise
+            if plan is not None:
+                self.replays += 1
+                return plan, arena
+            self.pool.release(arena)
+        plan = plan_snapshot(state, self._extra_types)
+        self._layout = plan.layout
+        return plan, self.pool.acquire(plan.nbytes)
 
     def start(self, snapshot: Snapshot) -> None:
         """Start a queued snapshot's background copy, if it has one."""
