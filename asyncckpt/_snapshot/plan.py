@@ -26,6 +26,7 @@ __all__ = [
     "PlanLayout",
     "SnapshotPlan",
     "TensorKey",
+    "check_key",
     "format_path",
     "owned_storages",
     "placeholder",
@@ -102,6 +103,17 @@ class PlanLayout:
     tensors: list[_TensorCopy]
     keys: list[TensorKey]
     nbytes: int
+    #: derived figures a snapshot needs, computed once (``snapshot._summary``)
+    summary: object | None = None
+    #: per tensor: its key, the index of its storage and that storage's size (what a replay
+    #: checks, in one place)
+    expected: list[tuple[TensorKey, int, int]] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.expected = [
+            (key, tc.storage, self.storages[tc.storage].nbytes)
+            for key, tc in zip(self.keys, self.tensors, strict=True)
+        ]
 
 
 @dataclass(eq=False)
@@ -138,7 +150,7 @@ def _numpy() -> Any:
     return sys.modules.get("numpy")  # never import numpy just to find out a value is not an array
 
 
-def _check_key(key: object, path: tuple[object, ...]) -> None:
+def check_key(key: object, path: tuple[object, ...]) -> None:
     if key == b"":
         raise TypeError(
             f"{format_path(path)} has the dict key b'', which torch.load(weights_only=True) "
@@ -148,7 +160,7 @@ def _check_key(key: object, path: tuple[object, ...]) -> None:
         return
     if type(key) is tuple:
         for k in key:
-            _check_key(k, path)
+            check_key(k, path)
         return
     raise TypeError(
         f"{format_path(path)} has a dict key of type {type(key).__qualname__} ({key!r:.60}); "
@@ -218,7 +230,7 @@ class _Planner:
         if kind is dict or kind is OrderedDict:
             out: dict[object, object] = kind()
             for key, value in obj.items():
-                _check_key(key, path)
+                check_key(key, path)
                 out[key] = self.visit(value, (*path, key))
             if kind is OrderedDict and obj.__dict__:
                 # nn.Module.state_dict() keeps per-module versions in ``_metadata``;

@@ -26,6 +26,7 @@ same placeholders into the new tree instead of binding new ones.
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Collection
 from dataclasses import dataclass
 from typing import Any
@@ -36,6 +37,7 @@ from .plan import (
     PlanLayout,
     SnapshotPlan,
     _Planner,
+    check_key,
     owned_storages,
     placeholder,
     tensor_key,
@@ -69,25 +71,68 @@ class _Replayer(_Planner):
         super().__init__(extra_types)
         self.layout = layout
         self.bound = bound.placeholders if bound is not None else None
+        self._tensors: dict[int, torch.Tensor] = {}
+        self.count = 0
+
+    # Tensors are leaves, and the most numerous objects of a large state: they are handled
+    # before anything else, without building their path (only errors need it, and a replay
+    # reports none for a tensor: it gives up) and memoized apart (a tensor is always reachable
+    # from a container the walk holds, so its id cannot be reused meanwhile).
+    def visit(self, obj: object, path: tuple[object, ...]) -> object:
+        kind = type(obj)
+        if kind is torch.Tensor or kind is torch.nn.Parameter:
+            return self._leaf(obj)  # type: ignore[arg-type]
+        return super().visit(obj, path)
+
+    def _visit_new(self, obj: Any, kind: type, path: tuple[object, ...]) -> object:
+        if (kind is not dict and kind is not OrderedDict) or kind in self.extra_types:
+            return super()._visit_new(obj, kind, path)
+        out: dict[object, object] = kind()
+        visit, leaf, tensor, parameter = self.visit, self._leaf, torch.Tensor, torch.nn.Parameter
+        for key, value in obj.items():
+            if type(key) is not str:  # (a str key is always valid)
+                check_key(key, path)
+            vkind = type(value)
+            if vkind is tensor or vkind is parameter:
+                out[key] = leaf(value)
+            else:
+                out[key] = visit(value, (*path, key))
+        if kind is OrderedDict and obj.__dict__:
+            for attr, value in obj.__dict__.items():
+                setattr(out, attr, visit(value, (*path, attr)))
+        return out
+
+    def _leaf(self, t: torch.Tensor) -> torch.Tensor:
+        oid = id(t)
+        copy = self._tensors.get(oid)
+        if copy is None:
+            copy = self._tensors[oid] = self._tensor(t, ())
+        return copy
 
     def _tensor(self, t: torch.Tensor, path: tuple[object, ...]) -> torch.Tensor:
-        layout = self.layout
-        k = len(self.keys)
-        if k >= len(layout.keys) or tensor_key(t) != layout.keys[k]:
+        k = self.count
+        expected = self.layout.expected
+        if k >= len(expected):
             raise _Mismatch
-        if t.is_conj() or t.is_neg() or t.is_nested or t.is_quantized:
-            raise _Mismatch  # the planner clones those
+        key, index, nbytes = expected[k]
+        try:
+            # (a quantized or meta tensor differs in its key's dtype or device; a nested one
+            # has no strides)
+            if tensor_key(t) != key or t.is_neg() or (key[1].is_complex and t.is_conj()):
+                raise _Mismatch  # the planner clones those
+        except RuntimeError:
+            raise _Mismatch from None
         storage = t.untyped_storage()
-        index = layout.tensors[k].storage
-        seen = self.by_cdata.get(storage._cdata)
+        cdata = storage._cdata
+        seen = self.by_cdata.get(cdata)
         if seen is None:
-            if index != len(self.sources) or layout.storages[index].nbytes != storage.nbytes():
+            if index != len(self.sources) or nbytes != storage.nbytes():
                 raise _Mismatch
-            self.by_cdata[storage._cdata] = index
+            self.by_cdata[cdata] = index
             self.sources.append(storage)
         elif seen != index:
             raise _Mismatch
-        self.keys.append(layout.keys[k])
+        self.count = k + 1
         if self.bound is not None:
             return self.bound[k]
         dst = placeholder(type(t), t.dtype, t.requires_grad)
@@ -129,7 +174,7 @@ def replay_plan(
         return None
     except RecursionError:
         return None  # plan_snapshot says what is wrong
-    if len(replayer.keys) != len(layout.keys) or len(replayer.sources) != len(layout.storages):
+    if replayer.count != len(layout.keys) or len(replayer.sources) != len(layout.storages):
         return None
     found = [
         (opt, owned_storages(opt, replayer.by_cdata)) for opt in replayer.optimizers

@@ -16,6 +16,7 @@ copies them in the background behind a guard on that optimizer's ``step()``.
 
 from __future__ import annotations
 
+import gc
 from collections.abc import Callable, Collection
 from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
@@ -25,7 +26,7 @@ import anyio
 import torch
 
 from .._format.paths import PathKey
-from .copy import CudaCopier, copy_now
+from .copy import CpuSplit, CudaCopier, copy_now
 from .pending import CopyMonitor, PendingCopy, ProbeEvent
 from .pipelined import Guards, stage
 from .plan import PlanLayout, SnapshotPlan, plan_snapshot
@@ -124,13 +125,15 @@ def take_snapshot(
                 group_of.setdefault(index, g)
     copier = copier or CudaCopier()
     pending: PendingCopy | None = None
+    summary = _summary(plan)
     with torch.no_grad():
-        eager = [i for i in range(len(plan.storages)) if i not in group_of]
         if pipelined:
+            eager = [i for i in range(len(plan.storages)) if i not in group_of]
             pending = stage(plan, dsts, eager, group_of, copier, streams, check, monitor,
                              arena.pinned, helper)
         else:
-            copy_now(plan, dsts, eager, copier, streams, arena.pinned, helper)
+            copy_now(plan, dsts, summary.everything, copier, streams, arena.pinned, helper,
+                     by_device=summary.by_device, cpu_split=summary.cpu_split)
         try:
             if bound is None:
                 for tc, dst in zip(plan.tensors, plan.placeholders, strict=True):
@@ -145,11 +148,7 @@ def take_snapshot(
             if pending is not None:
                 pending.cancel()  # a copy never started: returns once queued device copies did
             raise
-    locations = {
-        dst._cdata: spec.location
-        for spec, dst in zip(plan.storages, dsts, strict=True)
-        if spec.device.type != "cpu"
-    }
+    locations = {dsts[i]._cdata: plan.storages[i].location for i in summary.off_cpu}
     ranges = [(arena.address, arena.capacity)] if arena.capacity else []
     ranges += [(s.data_ptr(), s.nbytes()) for s in plan.cloned if s.nbytes()]
     keepalive: list[object] = list(dsts)
@@ -159,7 +158,7 @@ def take_snapshot(
     plan.sources = []
     return Snapshot(
         tree=plan.tree,
-        nbytes=sum(s.nbytes for s in plan.storages) + sum(s.nbytes() for s in plan.cloned),
+        nbytes=summary.data_nbytes + sum(s.nbytes() for s in plan.cloned),
         locations=locations,
         numpy_paths=plan.numpy_paths,
         ranges=ranges,
@@ -167,6 +166,37 @@ def take_snapshot(
         _keepalive=keepalive,
         pending=pending,
     )
+
+
+@dataclass(eq=False)
+class _Summary:
+    """What every snapshot of a plan's storages needs to know about them (kept with a
+    reusable layout, so a replayed plan does not recompute it per storage)."""
+
+    everything: list[int]
+    by_device: dict[torch.device, list[int]]
+    off_cpu: list[int]
+    data_nbytes: int
+    cpu_split: CpuSplit
+
+
+def _summary(plan: SnapshotPlan) -> _Summary:
+    layout = plan.layout
+    cached = getattr(layout, "summary", None)
+    if isinstance(cached, _Summary):
+        return cached
+    by_device: dict[torch.device, list[int]] = {}
+    for i, spec in enumerate(plan.storages):
+        by_device.setdefault(spec.device, []).append(i)
+    summary = _Summary(
+        list(range(len(plan.storages))), by_device,
+        [i for i, spec in enumerate(plan.storages) if spec.device.type != "cpu"],
+        sum(spec.nbytes for spec in plan.storages),
+        CpuSplit.of(plan, by_device.get(torch.device("cpu"), [])),
+    )
+    if layout is not None:
+        layout.summary = summary
+    return summary
 
 
 class Snapshotter:
@@ -219,6 +249,20 @@ class Snapshotter:
 
         A pipelined snapshot's background copy is not started yet: :meth:`start` starts it.
         """
+        # The walk allocates objects per container and tensor of the state; on a state of 1e5+
+        # tensors they trigger full collections of Python's cyclic GC, each a scan of the whole
+        # heap, in the middle of save(). Nothing here makes cycles: pause the collector.
+        paused = gc.isenabled()
+        if paused:
+            gc.disable()
+        try:
+            return self._take(state, mode, streams)
+        finally:
+            if paused:
+                gc.enable()
+
+    def _take(self, state: object, mode: SnapshotMode,
+              streams: dict[int, Any] | None) -> Snapshot:
         plan, arena = self._plan(state, mode)
         try:
             return take_snapshot(

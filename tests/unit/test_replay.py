@@ -257,3 +257,15 @@ def test_a_view_of_a_larger_storage_is_planned_afresh(saver):
     state = {"a": torch.arange(20.0)[:4]}  # same key, shape, offset and stride
     assert saver.save(state) == _expected(state)  # the whole storage, as torch.save writes
     assert saver.snapshots.replays == 0
+
+
+def test_empty_and_small_and_large_storages_mixed(saver):
+    """Empty storages (not slices of the arena), small ones (copied in one loop) and large
+    ones (copied in shared pieces), first planned then replayed."""
+    state = {"empty": torch.empty(0), "small": torch.arange(5.0),
+             "large": torch.arange(40_000.0), "tail": torch.ones(3, dtype=torch.int64)}
+    for _ in range(2):
+        for t in state.values():
+            t.add_(1)
+        assert saver.save(state) == _expected(state)
+    assert saver.snapshots.replays == 1
