@@ -58,7 +58,7 @@ def format_path(path: tuple[object, ...]) -> str:
     return "".join(out)
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class _StorageCopy:
     nbytes: int
     device: torch.device
@@ -68,7 +68,7 @@ class _StorageCopy:
     offset: int = 0
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class _TensorCopy:
     storage: int
     storage_offset: int
