@@ -8,8 +8,9 @@ it), so a busy machine moves the figure and its limit alike:
 * the first save's stall, whose arena pages are faulted in, against the floor;
 * a pipelined save, where the optimizer is in the state (layout ``model``), blocks ≤ 1 ms;
 * throughput to durable against the raw write of the same bytes, peak memory;
-* many-tensor states (layout ``tiny-many``): stall ≤ 0.1× and time to durable ≤ 1× ``torch.save``
-  + fsync, peak extra memory ≤ 2× the data plus :data:`PER_TENSOR_BYTES` per tensor;
+* many-tensor states (layout ``tiny-many``): stall ≤ 0.1× and the write (time to durable less
+  the stall) ≤ 1× ``torch.save`` + fsync, peak extra memory ≤ 2× the data plus
+  :data:`PER_TENSOR_BYTES` per tensor;
 * the training loop's overhead.
 """
 
@@ -96,8 +97,8 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
                     continue
                 add(f"{cid}: many tensors, stall ≤ 0.1× torch.save + fsync", name,
                     _div(entry["stall_p50_s"], torch_s), 0.1, "×")
-                add(f"{cid}: many tensors, time to durable ≤ 1× torch.save + fsync", name,
-                    _div(entry["durable_p50_s"], torch_s), 1.0, "×")
+                add(f"{cid}: many tensors, write (durable − stall) ≤ 1× torch.save + fsync",
+                    name, _div(entry["durable_p50_s"] - entry["stall_p50_s"], torch_s), 1.0, "×")
                 extra = entry["peak_extra_rss_bytes"] - 2 * case["state_bytes"]
                 add(f"{cid}: many tensors, peak extra RSS ≤ 2× data + {PER_TENSOR_BYTES} B "
                     "per tensor", name, max(extra, 0) / case["tensors"], PER_TENSOR_BYTES,

@@ -3,6 +3,8 @@
 ::
 
     plan_snapshot(state)          (plan.py) what to copy, validated, on the caller's thread
+    replay_plan(state, layout)    (replay.py) the same, reusing the last plan while the state's
+                                  structure repeats (and each arena's bound placeholders)
     take_snapshot(plan, arena)    copy every storage into the arena (CUDA: on a side stream
                                   into pinned memory) and bind the placeholders to it with the
                                   original offsets / sizes / strides, so storage sharing is
@@ -127,7 +129,7 @@ def take_snapshot(
     pending: PendingCopy | None = None
     summary = _summary(plan)
     with torch.no_grad():
-        if pipelined:
+        if group_of:  # pipelined, with something for a guard to defer
             eager = [i for i in range(len(plan.storages)) if i not in group_of]
             pending = stage(plan, dsts, eager, group_of, copier, streams, check, monitor,
                              arena.pinned, helper)
