@@ -88,7 +88,7 @@ def _gil_memmove() -> Callable[[int, int, int], object]:
         return ctypes.memmove
     fn.restype = None
     fn.argtypes = (ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t)
-    return fn  # type: ignore[no-any-return]
+    return fn
 
 
 _small_memmove = _gil_memmove()

@@ -86,9 +86,11 @@ def stage(
         events = group_events.setdefault(index, {})
         mine = [item for item, d in zip(items, device_of, strict=True) if d == index]
         for k, item in enumerate(mine):
+            src, dst = item.src, item.dst
             with torch.cuda.stream(caller if item.group < 0 else side):
-                if item.nbytes and item.src is not None:
-                    item.dst.copy_(item.src, non_blocking=pinned)
+                # (a device item's source and place are uint8 tensors, see above)
+                if item.nbytes and isinstance(src, torch.Tensor) and isinstance(dst, torch.Tensor):
+                    dst.copy_(src, non_blocking=pinned)
             if item.group >= 0 and (k + 1 == len(mine) or mine[k + 1].group != item.group):
                 event = torch.cuda.Event()
                 event.record(side)

@@ -78,8 +78,8 @@ class _TensorCopy:
 
 #: What identifies a planned tensor, besides the storage it views: a tensor of another type,
 #: dtype, device, layout, grad flag, offset, shape or stride needs another plan.
-TensorKey = tuple[type, torch.dtype, torch.device, torch.layout, bool, int, torch.Size,
-                  tuple[int, ...]]
+TensorKey = tuple[type[torch.Tensor], torch.dtype, torch.device, torch.layout, bool,
+                  int | torch.SymInt, torch.Size, tuple[int, ...]]
 
 
 def tensor_key(t: torch.Tensor) -> TensorKey:
@@ -131,8 +131,9 @@ class SnapshotPlan:
     nbytes: int
     #: optimizers found in the state, each with the storages it updates (params and state)
     owners: list[tuple[torch.optim.Optimizer, tuple[int, ...]]] = field(default_factory=list)
-    #: the caller's storage behind each entry of ``storages`` (dropped once copied)
-    sources: list[torch.UntypedStorage | None] = field(default_factory=list)
+    #: the caller's storage behind each entry of ``storages`` (the list is emptied once the
+    #: snapshot is copied, so that it keeps none of them alive)
+    sources: list[torch.UntypedStorage] = field(default_factory=list)
     #: the placeholder tensor in ``tree`` for each entry of ``tensors``
     placeholders: list[torch.Tensor] = field(default_factory=list)
     #: the reusable part (None: this state cannot be replayed, e.g. it holds numpy arrays)
