@@ -15,9 +15,12 @@ There are ``queue_size + 1`` slots: the snapshots waiting plus the one being wri
 given back when its snapshot's bytes are durable (or it is dropped), and its arena with it.
 :meth:`SaveQueue.try_reserve` and :meth:`SaveQueue.in_flight` may be called from any thread (the
 sync front door takes a free slot on the training thread, without a round trip to the loop);
-every other method runs on the writer's event loop. Slots are counted under a lock; a save that
-waits for one (``block``, ``coalesce``) waits on the loop, first come first served: a freed slot
-goes to the oldest waiter before anyone may take it without waiting.
+every other method runs on the writer's event loop. The queue knows which requests hold a slot
+(taken, under a lock, by storing the request itself: one step that a KeyboardInterrupt on the
+training thread either precedes or follows, so :meth:`SaveQueue.unreserve` always knows whether
+there is a slot to give back). A save that waits for a slot (``block``, ``coalesce``) waits on
+the loop, first come first served: a freed slot goes to the oldest waiter before anyone may
+take it without waiting.
 """
 
 from __future__ import annotations
@@ -80,6 +83,7 @@ class Job:
 class _Waiter:
     """A save waiting on the loop for a slot; ``granted`` once a freed slot was handed to it."""
 
+    request: Request
     event: anyio.Event
     granted: bool = False
 
@@ -104,15 +108,17 @@ class SaveQueue:
         uri: str,
     ) -> None:
         self._slots_total = size + 1
-        self._lock = threading.Lock()  # guards _free, _waiters, _names and request.reserved
-        self._free = self._slots_total
+        self._lock = threading.Lock()  # guards _holders, _waiters and _flying
+        # requests holding a slot (from reservation to release), and those in flight (from
+        # reservation until they leave the queue: a name stays taken until its commit)
+        self._holders: dict[Request, None] = {}
+        self._flying: dict[Request, None] = {}
         self._waiters: deque[_Waiter] = deque()
         self._when_full = when_full
         self._snapshots = snapshots
         self._emit = emit
         self._uri = uri
         self._closed = False
-        self._names: dict[str, list[int]] = {}  # in-flight name -> [step, count]
         self._unfinished = 0
         # Created in open(): anyio primitives belong to the event loop that runs the writer.
         self._idle: anyio.Event
@@ -129,13 +135,20 @@ class SaveQueue:
 
     @property
     def free_slots(self) -> int:
-        return self._free
+        return self._slots_total - len(self._holders)
 
     def in_flight(self, name: str) -> int | None:
         """The step of a queued or running save named ``name``, if there is one (any thread)."""
-        with self._lock:
-            entry = self._names.get(name)
-        return None if entry is None else entry[0]
+        with self._lock:  # (at most a few requests: the slots, and the one being committed)
+            for request in self._flying:
+                if request.name == name:
+                    return request.step
+        return None
+
+    def holds(self, request: Request) -> bool:
+        """Whether ``request`` holds a slot or a name (any thread): it needs :meth:`unreserve`
+        if its save stops before :meth:`submit`."""
+        return request in self._holders or request in self._flying
 
     # -- the front doors' side -------------------------------------------------------------------
     async def reserve(self, request: Request) -> Request:
@@ -148,10 +161,9 @@ class SaveQueue:
     def try_reserve(self, request: Request) -> bool:
         """Take a free slot for ``request`` if one is free and nobody waits for one (any thread).
 
-        Returns whether ``request`` now holds a slot (``request.reserved``, set together with
-        the count under the lock, so that a caller interrupted right after this returns knows
-        whether it must :meth:`unreserve`). False: the caller goes on to :meth:`reserve_nowait`
-        on the loop, which applies ``when_full``.
+        Returns whether ``request`` now holds a slot. A caller interrupted in or right after
+        this call asks :meth:`holds` whether it must :meth:`unreserve`. False: the caller goes
+        on to :meth:`reserve_nowait` on the loop, which applies ``when_full``.
 
         Raises:
             WriterClosedError: the queue is closed.
@@ -159,10 +171,11 @@ class SaveQueue:
         with self._lock:
             if self._closed:
                 raise WriterClosedError(f"the checkpointer for {self._uri} closed during save()")
-            if self._free == 0 or self._waiters:
+            if len(self._holders) == self._slots_total or self._waiters:
                 return False
-            self._free -= 1
-            self._add_name(request)
+            self._holders[request] = None  # the slot is taken by this one store
+            self._flying[request] = None
+            request.reserved = True
             return True
 
     def reserve_nowait(self, request: Request) -> Request:
@@ -179,21 +192,20 @@ class SaveQueue:
     async def wait_for_slot(self, request: Request) -> Request:
         """Every slot is taken and the policy blocks or coalesces (then the oldest waiting
         snapshot is dropped, if one is waiting)."""
-        if self._when_full == "coalesce" and await self._evict_oldest():
+        if self._when_full == "coalesce" and await self._evict_oldest(request):
             return self._reserved(request)  # _evict_oldest took the slot it freed
         # block; or coalesce while every slot is held by a snapshot still being taken
         # (concurrent saves from several tasks), so nothing waits to be replaced
-        await self._acquire()
+        await self._acquire(request)
         return self._reserved(request)
 
     def unreserve(self, request: Request) -> None:
-        """Give back the slot of a save whose snapshot failed (on the loop)."""
+        """Give back the slot and name of a save that stopped before :meth:`submit` (on the
+        loop); nothing if it holds neither."""
         with self._lock:
-            if not request.reserved:
-                return
             request.reserved = False
-            self._drop_name_locked(request.name)
-        self._give()
+            self._flying.pop(request, None)
+        self._give(request)
 
     def submit(self, request: Request, snapshot: Snapshot) -> SaveHandle:
         """Queue a taken snapshot and start its background copy, if it has one."""
@@ -216,7 +228,8 @@ class SaveQueue:
         try:
             self.submit(request, snapshot)
         except WriterClosedError:
-            self._drop_name(request.name)
+            with self._lock:
+                self._flying.pop(request, None)
             request.handle.resolve("cancelled")
 
     async def wait_idle(self) -> None:
@@ -234,12 +247,13 @@ class SaveQueue:
         if not job.released:
             job.released = True
             job.snapshot = self._snapshots.release(job.snapshot)
-            self._give()
+            self._give(job.request)
 
     def finish(self, job: Job) -> None:
         """Bookkeeping when a job leaves the writer, whatever its outcome."""
         self.release(job)
-        self._drop_name(job.request.name)
+        with self._lock:
+            self._flying.pop(job.request, None)
         job.request.handle.resolve("cancelled")  # no-op unless still pending
         self._unfinished -= 1
         if self._unfinished == 0:
@@ -264,20 +278,20 @@ class SaveQueue:
             self._evict.close()
 
     # -- internals -------------------------------------------------------------------------------
-    def _acquire_nowait(self) -> bool:
-        """Take a free slot unless there is none or someone waits for one."""
+    def _acquire_nowait(self, request: Request) -> bool:
+        """Take a free slot for ``request`` unless there is none or someone waits for one."""
         with self._lock:
-            if self._free == 0 or self._waiters:
+            if len(self._holders) == self._slots_total or self._waiters:
                 return False
-            self._free -= 1
+            self._holders[request] = None
             return True
 
-    async def _acquire(self) -> None:
-        """Wait for a slot, after every save that waited before (on the loop)."""
-        waiter = _Waiter(anyio.Event())
+    async def _acquire(self, request: Request) -> None:
+        """Wait for a slot for ``request``, after every save that waited before (on the loop)."""
+        waiter = _Waiter(request, anyio.Event())
         with self._lock:
-            if self._free and not self._waiters:
-                self._free -= 1
+            if len(self._holders) < self._slots_total and not self._waiters:
+                self._holders[request] = None
                 return
             self._waiters.append(waiter)
         try:
@@ -288,35 +302,34 @@ class SaveQueue:
                 if not granted:
                     self._waiters.remove(waiter)
             if granted:  # handed a slot just as it was cancelled: pass it on
-                self._give()
+                self._give(request)
             raise
 
-    def _give(self) -> None:
-        """Free a slot: to the oldest waiter if there is one (on the loop)."""
+    def _give(self, holder: Request) -> None:
+        """Free ``holder``'s slot, if it has one: to the oldest waiter if there is one."""
         with self._lock:
+            if holder not in self._holders:
+                return
+            del self._holders[holder]
             if not self._waiters:
-                self._free += 1
                 return
             waiter = self._waiters.popleft()
             waiter.granted = True
+            self._holders[waiter.request] = None
         waiter.event.set()
 
     def _reserved(self, request: Request) -> Request:
-        """Mark ``request`` as holding the slot its caller just took."""
+        """Mark ``request``, which holds the slot its caller just took, as in flight."""
         with self._lock:
             if not self._closed:
-                self._add_name(request)
+                self._flying[request] = None
+                request.reserved = True
                 return request
-        self._give()
+        self._give(request)
         raise WriterClosedError(f"the checkpointer for {self._uri} closed during save()")
 
-    def _add_name(self, request: Request) -> None:
-        entry = self._names.setdefault(request.name, [request.step, 0])
-        entry[1] += 1
-        request.reserved = True  # with the count, under the lock (see try_reserve)
-
-    async def _evict_oldest(self) -> bool:
-        """Coalesce: drop the oldest waiting snapshot to make room."""
+    async def _evict_oldest(self, request: Request) -> bool:
+        """Coalesce: drop the oldest waiting snapshot to make room for ``request``."""
         try:
             job = self._evict.receive_nowait()
         except anyio.WouldBlock:
@@ -327,17 +340,6 @@ class SaveQueue:
         self.finish(job)
         # the slot the evicted job just gave back, unless a save that waited before was
         # handed it first
-        if not self._acquire_nowait():
-            await self._acquire()
+        if not self._acquire_nowait(request):
+            await self._acquire(request)
         return True
-
-    def _drop_name(self, name: str) -> None:
-        with self._lock:
-            self._drop_name_locked(name)
-
-    def _drop_name_locked(self, name: str) -> None:
-        entry = self._names.get(name)
-        if entry is not None:
-            entry[1] -= 1
-            if entry[1] <= 0:
-                del self._names[name]

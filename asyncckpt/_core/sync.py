@@ -254,8 +254,8 @@ class Checkpointer(EngineViews):
                     return SyncSaveHandle(self._portal, request.handle)
             snap = engine.snapshots.take(state, mode, caller_streams())
         except BaseException:
-            # Also Ctrl-C right after the slot was taken: give it back, never leak it.
-            if request is not None and request.reserved:
+            # Also Ctrl-C as or right after the slot was taken: give it back, never leak it.
+            if request is not None and engine.queue.holds(request):
                 self._portal.call(engine.queue.unreserve, request)
             raise
         # Guards first: once queued, a pipelined copy may run, and it must never run unguarded.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dis
 import os
 import signal
 import subprocess
@@ -18,6 +19,7 @@ from support.helpers import WrappedStorage, folder_files
 
 import asyncckpt
 from asyncckpt import AsyncCheckpointer, Checkpointer
+from asyncckpt._core.queue import SaveQueue
 from asyncckpt.storage import LocalStorage
 
 MIB = 1 << 20
@@ -239,3 +241,78 @@ def test_ctrl_c_while_save_waits_for_the_writer_loses_no_queue_slot(wrapped, mon
         assert queue.in_flight("step_3.pt") is None
         ckpt.save(state, step=4).wait()  # and saving goes on
     assert [c.step for c in asyncckpt.checkpoints(wrapped.inner.path)][-1] == 4
+
+
+_CALLS = {dis.opmap[name] for name in ("CALL", "CALL_FUNCTION_EX") if name in dis.opmap}
+
+
+def _interrupt_at_signal_point(code, n: int):
+    """A trace function that raises KeyboardInterrupt at the ``n``-th point, while ``code``
+    runs on the calling thread, where CPython may run a pending SIGINT handler: on entering a
+    Python function (``code`` itself or one it calls) and right after a call in ``code``
+    returns. (Not between any two bytecodes: CPython never runs handlers there, and a
+    ``with`` block's exit is not protected at those points.)"""
+    count = 0
+    active = False
+
+    def tick() -> None:
+        nonlocal count
+        count += 1
+        if count == n:
+            raise KeyboardInterrupt
+
+    def local(frame, event, arg):
+        nonlocal active
+        if event == "opcode":
+            if frame.f_lasti > 0 and last[0] in _CALLS:
+                tick()
+            last[0] = frame.f_code.co_code[frame.f_lasti]
+        elif event == "return":
+            active = False
+        return local
+
+    last = [0]
+
+    def calls(frame, event, arg):
+        nonlocal active
+        if frame.f_code is code:
+            active = True
+            last[0] = 0
+            frame.f_trace_opcodes = True
+            tick()
+            return local
+        if active:  # a function the reservation calls
+            tick()
+        return None
+
+    return calls
+
+
+@pytest.mark.timeout(120)  # a lock left held would hang the next save
+def test_ctrl_c_at_any_point_of_the_in_thread_reservation_loses_no_slot(tmp_path):
+    """The sync save() takes a free slot on the training thread: Ctrl-C at any point of that
+    where a signal handler can run leaves the slot either untaken or given back by save()."""
+    code = SaveQueue.try_reserve.__code__
+    state = {"w": torch.ones(10)}
+    previous = sys.gettrace()
+    with Checkpointer(tmp_path, queue_size=1) as ckpt:
+        queue = ckpt._engine.queue
+        n = 0
+        while True:
+            n += 1
+            sys.settrace(_interrupt_at_signal_point(code, n))
+            try:
+                handle = ckpt.save(state, step=n)
+            except KeyboardInterrupt:
+                pass
+            else:
+                break  # try_reserve ran to the end: every point in it was tried
+            finally:
+                sys.settrace(previous)
+            assert ckpt._portal.call(lambda: queue.free_slots) == 2, f"interrupted at point {n}"
+            assert queue.in_flight(f"step_{n}.pt") is None
+        assert n > 3  # entry, and after the calls in it
+        assert handle.wait().step == n
+        ckpt.flush()
+        assert ckpt._portal.call(lambda: queue.free_slots) == 2
+    assert [c.step for c in asyncckpt.checkpoints(tmp_path)] == [n]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import threading
 
 import anyio
@@ -122,6 +123,66 @@ def test_a_cancelled_waiter_leaves_the_line_and_the_next_one_gets_the_slot():
             queue.unreserve(holder)  # ... so the freed slot goes to the second
         assert not first.reserved and got == [second] and queue.free_slots == 0
         assert queue.in_flight("step_2.pt") is None
+        await _shut(queue)
+
+    anyio.run(main)
+
+
+def test_a_waiter_cancelled_after_it_was_handed_a_slot_passes_it_on():
+    """Native asyncio cancellation (a caller's ``wait_for``) can land after the event was set:
+    the slot handed to the cancelled waiter goes to the next one."""
+    async def main() -> None:
+        queue, _ = _queue(size=0)
+        queue.open()
+        holder, first, second = _request(1), _request(2), _request(3)
+        assert queue.try_reserve(holder)
+        one = asyncio.create_task(queue.wait_for_slot(first))
+        await anyio.wait_all_tasks_blocked()
+        two = asyncio.create_task(queue.wait_for_slot(second))
+        await anyio.wait_all_tasks_blocked()
+        queue.unreserve(holder)  # granted to the first waiter ...
+        one.cancel()  # ... cancelled before it runs again
+        assert await two is second and second.reserved
+        with pytest.raises(asyncio.CancelledError):
+            await one
+        assert not first.reserved and not queue.holds(first) and queue.free_slots == 0
+        queue.unreserve(second)
+        assert queue.free_slots == 1 and queue.in_flight("step_3.pt") is None
+        await _shut(queue)
+
+    asyncio.run(main())
+
+
+def test_thread_reservations_racing_the_loop_never_exceed_the_slots_nor_lose_one():
+    """Training threads take free slots themselves, or wait on the loop when none is free,
+    while the loop gives slots back (and hands them to waiters) at the same time."""
+    async def main() -> None:
+        queue, _ = _queue(size=1)  # 2 slots
+        queue.open()
+        lock = threading.Lock()
+        held = most = 0
+        requests: list[Request] = []
+
+        def train(worker: int) -> None:
+            nonlocal held, most
+            for i in range(150):
+                request = _request(worker * 1000 + i)
+                requests.append(request)
+                if not queue.try_reserve(request):
+                    anyio.from_thread.run(queue.reserve, request)  # full: block on the loop
+                with lock:
+                    held += 1
+                    most = max(most, held)
+                with lock:
+                    held -= 1
+                anyio.from_thread.run_sync(queue.unreserve, request)
+
+        async with anyio.create_task_group() as tg:
+            for worker in range(4):
+                tg.start_soon(anyio.to_thread.run_sync, train, worker)
+        assert len(requests) == 600 and most <= 2
+        assert queue.free_slots == 2
+        assert not any(queue.holds(r) or r.reserved for r in requests)
         await _shut(queue)
 
     anyio.run(main)
