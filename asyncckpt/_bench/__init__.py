@@ -14,6 +14,7 @@ import shlex
 import sys
 from collections.abc import Sequence
 
+from ._dist_options import DIST_CONTENDERS, DistBenchOptions, parse_ranks
 from ._options import LAYOUTS, BenchOptions, parse_size, parse_storage_options, snapshot_modes
 
 __all__ = ["BenchOptions", "add_arguments", "main", "run"]
@@ -21,6 +22,13 @@ __all__ = ["BenchOptions", "add_arguments", "main", "run"]
 
 def _csv(text: str) -> list[str]:
     return [part.strip() for part in text.split(",") if part.strip()]
+
+
+def _ranks_arg(text: str) -> tuple[int, ...]:
+    try:
+        return parse_ranks(text)
+    except ValueError as exc:  # argparse names the option in its usage error
+        raise argparse.ArgumentTypeError(str(exc).removeprefix("--ranks: ")) from None
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -70,6 +78,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "(default bench-out)")
     parser.add_argument("--seed", type=int, default=0, help="RNG seed (default 0)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--ranks", type=_ranks_arg, default=None, metavar="N[,N...]",
+                        help="run the multi-rank benchmark instead: world sizes, comma-separated "
+                             "(e.g. 2,4), each started as that many ranks on this machine (gloo "
+                             "on CPU; nccl for --device cuda); contenders: "
+                             f"{', '.join(DIST_CONTENDERS)}")
 
 
 def options_from_args(args: argparse.Namespace) -> BenchOptions:
@@ -104,21 +117,26 @@ def options_from_args(args: argparse.Namespace) -> BenchOptions:
 
 def run(args: argparse.Namespace) -> int:
     """Run the benchmark for parsed arguments; print where the results are."""
-    missing = [m for m in ("matplotlib", "psutil") if importlib.util.find_spec(m) is None]
+    ranks = getattr(args, "ranks", None)
+    needed = ("psutil",) if ranks else ("matplotlib", "psutil")
+    missing = [m for m in needed if importlib.util.find_spec(m) is None]
     if missing:
         print(f"asyncckpt bench needs {' and '.join(missing)}: "
               "pip install 'asyncckpt[bench]'", file=sys.stderr)
         return 2
-    try:
-        options = options_from_args(args)
-    except ValueError as exc:
-        print(f"asyncckpt bench: {exc}", file=sys.stderr)
-        return 2
-    from ._runner import run_bench
-
     command = "asyncckpt bench " + " ".join(shlex.quote(a) for a in getattr(args, "argv", []))
     try:
-        results = run_bench(options, command=command.strip())
+        options = options_from_args(args)
+        if ranks:
+            from ._dist_runner import run_dist_bench
+
+            results = run_dist_bench(DistBenchOptions(ranks, options),
+                                     command=command.strip(),
+                                     log=lambda line: print(line, file=sys.stderr))
+        else:
+            from ._runner import run_bench
+
+            results = run_bench(options, command=command.strip())
     except ValueError as exc:
         print(f"asyncckpt bench: {exc}", file=sys.stderr)
         return 2

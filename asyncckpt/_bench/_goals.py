@@ -16,11 +16,12 @@ it), so a busy machine moves the figure and its limit alike:
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 from ._options import format_size
 
-__all__ = ["PER_TENSOR_BYTES", "targets"]
+__all__ = ["PER_TENSOR_BYTES", "add_target", "targets"]
 
 #: The per-tensor memory allowance of a many-tensor state: the plan kept for the next save
 #: (its records and the placeholder tensors bound into each arena) and the serializer's pickle.
@@ -45,16 +46,21 @@ def _raw_gbps(case: dict[str, Any], ref: str) -> float | None:
     return None if entry is None else entry["gbps"]
 
 
+def add_target(rows: list[dict[str, Any]], what: str, case: str, value: float | None,
+               limit: float, unit: str, higher_is_better: bool = False) -> None:
+    """Append a target row: the measured ``value`` against ``limit``, met or not (None:
+    could not be measured)."""
+    met = None if value is None else (value >= limit if higher_is_better else value <= limit)
+    rows.append({"target": what, "case": case, "value": value, "limit": limit, "unit": unit,
+                 "met": met})
+
+
 def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
     """asyncckpt's performance goals, each with the figure this run measured for it."""
     rows: list[dict[str, Any]] = []
     queue = results["options"]["queue_size"]
 
-    def add(what: str, case: str, value: float | None, limit: float, unit: str,
-            higher_is_better: bool = False) -> None:
-        met = None if value is None else (value >= limit if higher_is_better else value <= limit)
-        rows.append({"target": what, "case": case, "value": value, "limit": limit,
-                     "unit": unit, "met": met})
+    add = functools.partial(add_target, rows)
 
     for case in results["save_latency"]:
         name = f"{format_size(case['size'])} {case['layout']}"

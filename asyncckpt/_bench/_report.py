@@ -6,13 +6,24 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
-from ._goals import targets
+from ._goals import add_target, targets
 from ._options import format_size
 
-__all__ = ["markdown", "plot", "targets", "write_json"]
+__all__ = [
+    "add_target",
+    "errors_lines",
+    "machine_text",
+    "markdown",
+    "plot",
+    "skipped_lines",
+    "targets",
+    "targets_lines",
+    "write_json",
+    "write_outputs",
+]
 
 REFERENCE_ROW_IDS = ("memcpy", "copy_", "write-buffered", "write-direct", "upload")
 
@@ -66,6 +77,19 @@ def write_json(results: dict[str, Any], path: str) -> None:
         f.write("\n")
 
 
+def write_outputs(results: dict[str, Any], out: str, render: Callable[[dict[str, Any]], str],
+                  plots: Callable[[dict[str, Any], str], list[str]] | None = None) -> None:
+    """Write results.json and results.md (``render``'s text), and the plots, into ``out``;
+    record their paths in ``results["outputs"]``."""
+    json_path = os.path.join(out, "results.json")
+    md_path = os.path.join(out, "results.md")
+    results["outputs"] = {"json": json_path, "markdown": md_path}
+    results["outputs"]["plots"] = plots(results, out) if plots is not None else []
+    write_json(results, json_path)
+    with open(md_path, "w", encoding="utf-8") as f:
+        f.write(render(results))
+
+
 def _floor(case: dict[str, Any]) -> float | None:
     refs = case["references"]
     values = [refs[r]["p50_s"] for r in ("memcpy", "copy_") if r in refs]
@@ -84,6 +108,44 @@ def _table(header: list[str], rows: Iterable[list[str]]) -> list[str]:
     return lines
 
 
+def machine_text(m: dict[str, Any], extra: str = "") -> str:
+    """The machine paragraph of results.md (``extra``: a sentence after the device)."""
+    return (f"Machine: {m['cpu_count']} CPUs ({m['cpu_model']}), "
+            f"{format_size(m['memory_bytes'])} RAM, {m['platform']}; Python {m['python']}, "
+            f"torch {m['torch']}, device {m['device']}{extra}. Destination "
+            f"`{m['destination']}` ({m['filesystem']}). Load average at start / end: "
+            f"{m['loadavg_start']} / {m['loadavg_end']}.")
+
+
+def skipped_lines(results: dict[str, Any]) -> list[str]:
+    """The contenders that did not run, and why."""
+    if not results.get("skipped"):
+        return []
+    return ["", "Not run: " + "; ".join(f"`{k}` ({v})" for k, v in
+                                       results["skipped"].items()) + "."]
+
+
+def targets_lines(results: dict[str, Any], heading: str, marks: tuple[str, str]) -> list[str]:
+    """The targets table under ``heading``; ``marks``: the words for met and not met."""
+    rows = results.get("targets") or []
+    if not rows:
+        return []
+    words = {True: marks[0], False: marks[1], None: "–"}
+    return ["", heading, "", *_table(
+        ["target", "case", "measured", "limit", "met"],
+        ([t["target"], t["case"], "–" if t["value"] is None else
+          f"{t['value']:.2f} {t['unit']}", f"{t['limit']:g} {t['unit']}", words[t["met"]]]
+         for t in rows))]
+
+
+def errors_lines(results: dict[str, Any]) -> list[str]:
+    """The errors section (none: no lines)."""
+    if not results.get("errors"):
+        return []
+    return ["", "## Errors", ""] + [f"* `{e['contender']}` ({e['case']}): {e['error']}"
+                                    for e in results["errors"]]
+
+
 def markdown(results: dict[str, Any]) -> str:
     """The tables a person reads: ratios against the references and the peers."""
     m = results["machine"]
@@ -93,10 +155,7 @@ def markdown(results: dict[str, Any]) -> str:
         "",
         f"Run `{results['command']}` on {results['started']}.",
         "",
-        f"Machine: {m['cpu_count']} CPUs ({m['cpu_model']}), {format_size(m['memory_bytes'])} "
-        f"RAM, {m['platform']}; Python {m['python']}, torch {m['torch']}, device "
-        f"{m['device']}. Destination `{m['destination']}` ({m['filesystem']}). Load average "
-        f"at start / end: {m['loadavg_start']} / {m['loadavg_end']}.",
+        machine_text(m),
         "",
         f"Each contender saved {o['saves']} times per case, interleaved with the others; the "
         f"first {o['warmup']} saves are warm-up, the steady state is the rest. asyncckpt ran "
@@ -111,9 +170,7 @@ def markdown(results: dict[str, Any]) -> str:
         "*CPU s/GB* is process CPU time per GB committed; *background* is the part spent "
         "outside the caller's thread.",
     ]
-    if results.get("skipped"):
-        lines += ["", "Not run: " + "; ".join(f"`{k}` ({v})" for k, v in
-                                            results["skipped"].items()) + "."]
+    lines += skipped_lines(results)
     for case in results["save_latency"]:
         c = case["contenders"]
         floor = _floor(case)
@@ -165,18 +222,8 @@ def markdown(results: dict[str, Any]) -> str:
               f"{s['overhead_pct']:+.1f} %", _pct(s.get("overhead_paired_median_pct")),
               _s(s["stall_p50_s"]) if cid != "none" else "", _s(s["drain_max_s"])
               if cid != "none" else ""] for cid, s in training["summary"].items()))
-    rows_t = results.get("targets") or []
-    if rows_t:
-        lines += ["", "## Targets (asyncckpt)", "",
-                  "Each figure of this run next to the goal it is held to.", ""]
-        lines += _table(
-            ["target", "case", "measured", "limit", "met"],
-            ([t["target"], t["case"], "–" if t["value"] is None else
-              f"{t['value']:.2f} {t['unit']}", f"{t['limit']:g} {t['unit']}",
-              {True: "yes", False: "**no**", None: "–"}[t["met"]]] for t in rows_t))
-    if results.get("errors"):
-        lines += ["", "## Errors", ""] + [f"* `{e['contender']}` ({e['case']}): {e['error']}"
-                                          for e in results["errors"]]
+    lines += targets_lines(results, "## Targets (asyncckpt)", ("yes", "**no**"))
+    lines += errors_lines(results)
     return "\n".join(lines) + "\n"
 
 

@@ -34,7 +34,7 @@ from ._dest import Destination
 from ._measure import CpuWindow, MemoryProbe, summarize
 from ._options import BenchOptions, format_size
 from ._references import References
-from ._report import markdown, plot, targets, write_json
+from ._report import markdown, plot, targets, write_outputs
 from ._states import make_state
 from ._training import BASELINE, run_training
 
@@ -177,13 +177,7 @@ def run_bench(options: BenchOptions, *, command: str = "asyncckpt bench",
             shutil.rmtree(dest_uri, ignore_errors=True)
     results["machine"]["loadavg_end"] = _loadavg()
     results["targets"] = targets(results)
-    json_path = os.path.join(options.out, "results.json")
-    md_path = os.path.join(options.out, "results.md")
-    results["outputs"] = {"json": json_path, "markdown": md_path}
-    results["outputs"]["plots"] = plot(results, options.out)
-    write_json(results, json_path)
-    with open(md_path, "w", encoding="utf-8") as f:
-        f.write(markdown(results))
+    write_outputs(results, options.out, markdown, plot)
     return results
 
 

@@ -158,7 +158,8 @@ def build_parser() -> argparse.ArgumentParser:
         sub, "bench", "measure save latency/throughput against torch.save, DCP and others",
         "asyncckpt bench --size 1GiB", _bench.run,
         "Measure asyncckpt's save stall, time to durable, memory and CPU next to torch.save,\n"
-        "DCP async_save, Lightning and the machine's copy/write limits.",
+        "DCP async_save, Lightning and the machine's copy/write limits. With --ranks 2,4:\n"
+        "the multi-rank benchmark, on 2 then 4 ranks started on this machine.",
     )
     _bench.add_arguments(bench)
     return parser
