@@ -39,7 +39,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--layout", default="model",
                         help=f"state layout(s), comma-separated: {', '.join(LAYOUTS)} "
                              "(model: an MLP + Adam state; few-big: 64 MiB tensors; "
-                             "many-small: 256 KiB tensors; default model)")
+                             "many-small: 256 KiB tensors; tiny-many: 64-byte tensors, "
+                             "6MiB is about 1e5 of them; default model)")
     parser.add_argument("--dest", default=None,
                         help="where checkpoints go: a local folder or a URI such as "
                              "s3://bucket/prefix (default: a temporary folder inside --out)")

@@ -126,8 +126,8 @@ class Contender(ABC):
     def save(self, tree: Any, step: int, objects: dict[str, Any] | None = None) -> Pending:
         """Start saving ``tree``; return once the caller may mutate it again.
 
-        ``objects`` (training loop): the model/optimizer objects behind ``tree``, for
-        contenders that snapshot through ``state_dict()`` themselves.
+        ``objects``: the model/optimizer objects behind ``tree`` (training loop, layout
+        ``model``), for contenders that snapshot through ``state_dict()`` themselves.
         """
         if self._last is not None and not self.queues:
             self._last.wait()

@@ -20,7 +20,7 @@ __all__ = [
     "snapshot_modes",
 ]
 
-Layout = Literal["model", "few-big", "many-small"]
+Layout = Literal["model", "few-big", "many-small", "tiny-many"]
 LAYOUTS: tuple[str, ...] = get_args(Layout)
 
 _UNITS = {
@@ -101,7 +101,7 @@ class BenchOptions:
     Args:
         sizes: state sizes in bytes.
         layouts: state layouts (``model``: an MLP + Adam state; ``few-big``: 64 MiB tensors;
-            ``many-small``: 256 KiB tensors).
+            ``many-small``: 256 KiB tensors; ``tiny-many``: 64-byte tensors).
         dest: where checkpoints go: a local folder or a URI (``s3://bucket/prefix``); None: a
             folder inside ``out`` that is removed at the end.
         storage_options: backend options, passed to asyncckpt and to fsspec.

@@ -3,13 +3,13 @@ PNG plots (stall per save; the training-loop timeline)."""
 
 from __future__ import annotations
 
-import functools
 import json
 import math
 import os
 from collections.abc import Callable, Iterable
 from typing import Any
 
+from ._goals import add_target, targets
 from ._options import format_size
 
 __all__ = [
@@ -99,62 +99,6 @@ def _floor(case: dict[str, Any]) -> float | None:
 def _raw_gbps(case: dict[str, Any], ref: str) -> float | None:
     entry = case["references"].get(ref)
     return None if entry is None else entry["gbps"]
-
-
-def add_target(rows: list[dict[str, Any]], what: str, case: str, value: float | None,
-               limit: float, unit: str, higher_is_better: bool = False) -> None:
-    """Append a target row: the measured ``value`` against ``limit``, met or not (None:
-    could not be measured)."""
-    met = None if value is None else (value >= limit if higher_is_better else value <= limit)
-    rows.append({"target": what, "case": case, "value": value, "limit": limit, "unit": unit,
-                 "met": met})
-
-
-def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
-    """The issue's performance targets for asyncckpt's eager mode, measured in this run."""
-    rows: list[dict[str, Any]] = []
-    queue = results["options"]["queue_size"]
-    add = functools.partial(add_target, rows)
-
-    for case in results["save_latency"]:
-        name = f"{format_size(case['size'])} {case['layout']}"
-        c = case["contenders"]
-        eager = c.get("asyncckpt-eager", {})
-        if not eager.get("ok"):
-            continue
-        stall = eager["stall_p50_s"]
-        add("eager stall ≤ 1.5× memory-copy floor", name, _div(stall, _floor(case)), 1.5, "×")
-        torch_save = c.get("torch-save", {})
-        if torch_save.get("ok"):
-            add("eager stall ≤ 1/10 of torch.save + fsync", name,
-                _div(stall, torch_save["stall_p50_s"]), 0.1, "×")
-        dcps = [c[k]["stall_p50_s"] for k in ("dcp", "dcp-reused-stager") if c.get(k, {}).get("ok")]
-        if dcps:
-            add("eager stall ≤ DCP async_save stall (best stager)", name,
-                _div(stall, min(dcps)), 1.0, "×")
-        for cid, ref in (("asyncckpt-eager", "write-buffered"),
-                         ("asyncckpt-eager-direct", "write-direct"),
-                         ("asyncckpt-eager", "upload")):
-            entry = c.get(cid, {})
-            raw = _raw_gbps(case, ref)
-            if entry.get("ok") and raw:
-                add(f"{cid}: throughput ≥ 0.8× raw {ref}", name,
-                    _div(entry["throughput_gbps"], raw), 0.8, "×", higher_is_better=True)
-        for cid in ("asyncckpt-eager", "asyncckpt-eager-direct"):
-            entry = c.get(cid, {})
-            if entry.get("ok"):
-                add(f"{cid}: peak extra RSS ≤ (queue_size + 1) × state + 10 %", name,
-                    _div(entry["peak_extra_rss_bytes"], case["state_bytes"]),
-                    (queue + 1) * 1.1, "× state")
-    training = results.get("training")
-    if training:
-        for cid in ("asyncckpt-eager", "asyncckpt-eager-direct"):
-            entry = training["summary"].get(cid)
-            if entry is not None:
-                add(f"{cid}: training-loop overhead ≤ 5 % (save every "
-                    f"{training['save_every']} steps)", format_size(training["state_bytes"]),
-                    entry["overhead_pct"], 5.0, "%")
-    return rows
 
 
 def _table(header: list[str], rows: Iterable[list[str]]) -> list[str]:

@@ -83,12 +83,12 @@ def _machine(dest: Destination, device: str) -> dict[str, Any]:
 
 
 def _measure_save(contender: Contender, tree: Any, step: int, probe: MemoryProbe,
-                  index: int) -> dict[str, Any]:
+                  index: int, objects: dict[str, Any] | None = None) -> dict[str, Any]:
     probe.begin()
     cpu = CpuWindow()
     cpu.start()
     t0 = time.perf_counter()
-    pending = contender.save(tree, step)
+    pending = contender.save(tree, step, objects)
     t1 = time.perf_counter()
     nbytes = pending.wait()
     t2 = time.perf_counter()
@@ -219,7 +219,8 @@ def _run_case(options: BenchOptions, dest: Destination, contenders: list[Contend
                 if item.id not in failed:
                     try:
                         saves[item.id].append(
-                            _measure_save(item, state.tree, round_ + 1, probe, round_)
+                            _measure_save(item, state.tree, round_ + 1, probe, round_,
+                                          state.objects)
                         )
                     except Exception as exc:
                         failed[item.id] = _error_text(exc)

@@ -12,6 +12,7 @@ __all__ = ["BenchState", "make_mlp", "make_state", "state_nbytes"]
 
 _FEW_BIG = 64 * 2**20  # bytes per tensor in the "few-big" layout
 _MANY_SMALL = 256 * 2**10  # bytes per tensor in the "many-small" layout
+_TINY_MANY = 64  # bytes per tensor in the "tiny-many" layout (16 float32: an embedding row)
 
 
 @dataclass(eq=False)
@@ -24,6 +25,9 @@ class BenchState:
         nbytes: bytes of tensor data in ``tree``.
         tensors: number of tensors in ``tree``.
         owner: objects the tree was taken from (the model and optimizer), kept alive.
+        objects: what a contender that snapshots through ``state_dict()`` saves instead of
+            ``tree`` (the same bytes): the model and optimizer themselves, so that a
+            pipelined snapshot has an optimizer to guard. None: ``tree`` only.
     """
 
     layout: str
@@ -31,6 +35,7 @@ class BenchState:
     nbytes: int
     tensors: int
     owner: tuple[object, ...] = ()
+    objects: dict[str, Any] | None = None
 
 
 def state_nbytes(tree: object) -> tuple[int, int]:
@@ -73,7 +78,8 @@ def _model_state(nbytes: int, device: torch.device) -> BenchState:
     optim.zero_grad(set_to_none=True)
     tree = {"model": model.state_dict(), "optim": optim.state_dict(), "step": 1}
     size, count = state_nbytes(tree)
-    return BenchState("model", tree, size, count, (model, optim))
+    return BenchState("model", tree, size, count, (model, optim),
+                      {"model": model, "optim": optim, "step": 1})
 
 
 def _tensors_state(layout: str, nbytes: int, each: int, device: torch.device,
@@ -108,4 +114,15 @@ def make_state(layout: str, nbytes: int, *, device: str = "cpu", seed: int = 0) 
         return _tensors_state(layout, nbytes, _FEW_BIG, dev, generator)
     if layout == "many-small":
         return _tensors_state(layout, nbytes, _MANY_SMALL, dev, generator)
-    raise ValueError(f"unknown layout {layout!r}; choose model, few-big or many-small")
+    if layout == "tiny-many":
+        return _tiny_state(nbytes, dev, generator)
+    raise ValueError(f"unknown layout {layout!r}; choose model, few-big, many-small or tiny-many")
+
+
+def _tiny_state(nbytes: int, device: torch.device, generator: torch.Generator) -> BenchState:
+    """One tensor of 16 floats per 64 bytes, each its own storage (a table split per row)."""
+    count = max(1, nbytes // _TINY_MANY)
+    rows = torch.empty(count, _TINY_MANY // 4).uniform_(generator=generator)
+    tree: dict[str, Any] = {f"r{i:07d}": row.clone().to(device) for i, row in enumerate(rows)}
+    size, n = state_nbytes(tree)
+    return BenchState("tiny-many", tree, size, n)

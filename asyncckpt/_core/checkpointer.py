@@ -162,9 +162,9 @@ class AsyncCheckpointer(EngineViews):
         except BaseException:
             engine.queue.unreserve(request)
             raise
-        handle = engine.queue.submit(request, snap)
         engine.snapshots.guards.install(snap.pending)
-        return handle
+        request.stall = time.perf_counter() - t0  # what the caller waits, up to the hand-off
+        return engine.queue.submit(request, snap)
 
     async def wait_snapshot(self) -> None:
         """Wait until every pipelined snapshot is completely copied.

@@ -288,9 +288,15 @@ class Engine:
         await self.folder.delete_pending(self._delete_failed)
 
     def _step_named(self, name: str) -> int | None:
-        """The step of the committed, queued or running checkpoint called ``name``, if any."""
+        """The step of the committed, queued or running checkpoint called ``name``, if any.
+
+        The sync front door asks from the training thread while the writer commits: the writer
+        lists a name in the index before the name leaves the queue, so reading the queue first
+        sees a save that commits meanwhile in one place or the other.
+        """
+        flying = self.queue.in_flight(name)
         committed = self.folder.index.get(name)
-        return committed.step if committed is not None else self.queue.in_flight(name)
+        return committed.step if committed is not None else flying
 
     # -- the writer task -------------------------------------------------------------------------
     async def _run(self) -> None:

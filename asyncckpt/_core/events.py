@@ -72,7 +72,9 @@ class Event:
 
 @dataclass(frozen=True)
 class SnapshotTaken(Event):
-    """``save()`` took its snapshot and is returning; ``stall`` is what the caller waited."""
+    """``save()`` took its snapshot and is returning; ``stall`` is what the caller waited, in
+    seconds, from the moment ``save()`` was entered until it hands the job to the writer (the
+    last thing it does before returning)."""
 
     step: int
     name: str
@@ -149,10 +151,12 @@ class CheckpointStats:
 
     Every ``save()`` that returned is counted once in ``saves`` and ends as exactly one of
     ``committed``, ``skipped``, ``coalesced`` or ``failed`` (or is still in flight).
-    Stall percentiles cover the most recent 10,000 saves; ``stall_max`` covers all of them.
+    Stall percentiles (each save's ``SnapshotTaken.stall``: entry to return of ``save()``) cover
+    the most recent 10,000 saves; ``stall_max`` covers all of them.
     ``write_throughput`` is committed bytes over the time spent writing them (bytes/s).
     Pipelined snapshots: ``guard_calls`` counts guards that ran (an optimizer step or
-    ``wait_snapshot()`` while a background copy was pending), ``guard_waits`` those that found
+    ``wait_snapshot()`` while a background copy was pending; the steps after the copy stopped
+    are not counted), ``guard_waits`` those that found
     their tensors not yet copied, and ``guard_wait_seconds`` the time the host spent waiting in
     them (a CUDA guard makes the training stream wait instead, so it adds no host time).
     """

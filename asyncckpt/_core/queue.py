@@ -12,13 +12,22 @@
                                                                                  then finish
 
 There are ``queue_size + 1`` slots: the snapshots waiting plus the one being written. A slot is
-given back when its snapshot's bytes are durable (or it is dropped), and its arena with it. All
-methods run on the writer's event loop; the sync front door reaches them with one call there.
+given back when its snapshot's bytes are durable (or it is dropped), and its arena with it.
+:meth:`SaveQueue.try_reserve` and :meth:`SaveQueue.in_flight` may be called from any thread (the
+sync front door takes a free slot on the training thread, without a round trip to the loop);
+every other method runs on the writer's event loop. The queue knows which requests hold a slot
+(taken, under a lock, by storing the request itself: one step that a KeyboardInterrupt on the
+training thread either precedes or follows, so :meth:`SaveQueue.unreserve` always knows whether
+there is a slot to give back). A save that waits for a slot (``block``, ``coalesce``) waits on
+the loop, first come first served: a freed slot goes to the oldest waiter before anyone may
+take it without waiting.
 """
 
 from __future__ import annotations
 
+import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -70,6 +79,15 @@ class Job:
     released: bool = field(default=False)
 
 
+@dataclass(eq=False)
+class _Waiter:
+    """A save waiting on the loop for a slot; ``granted`` once a freed slot was handed to it."""
+
+    request: Request
+    event: anyio.Event
+    granted: bool = False
+
+
 class SaveQueue:
     """The bounded queue between the front doors and the writer task.
 
@@ -90,23 +108,26 @@ class SaveQueue:
         uri: str,
     ) -> None:
         self._slots_total = size + 1
+        self._lock = threading.Lock()  # guards _holders, _waiters and _flying
+        # requests holding a slot (from reservation to release), and those in flight (from
+        # reservation until they leave the queue: a name stays taken until its commit)
+        self._holders: dict[Request, None] = {}
+        self._flying: dict[Request, None] = {}
+        self._waiters: deque[_Waiter] = deque()
         self._when_full = when_full
         self._snapshots = snapshots
         self._emit = emit
         self._uri = uri
         self._closed = False
-        self._names: dict[str, list[int]] = {}  # in-flight name -> [step, count]
         self._unfinished = 0
         # Created in open(): anyio primitives belong to the event loop that runs the writer.
-        self._slots: anyio.Semaphore
         self._idle: anyio.Event
         self._send: MemoryObjectSendStream[Job]
         self._recv: MemoryObjectReceiveStream[Job]
         self._evict: MemoryObjectReceiveStream[Job]
 
     def open(self) -> None:
-        """Create the slots and the stream (on the writer's loop)."""
-        self._slots = anyio.Semaphore(self._slots_total)
+        """Create the stream (on the writer's loop)."""
         self._idle = anyio.Event()
         self._idle.set()
         self._send, self._recv = anyio.create_memory_object_stream[Job](self._slots_total)
@@ -114,12 +135,20 @@ class SaveQueue:
 
     @property
     def free_slots(self) -> int:
-        return self._slots.value
+        return self._slots_total - len(self._holders)
 
     def in_flight(self, name: str) -> int | None:
-        """The step of a queued or running save named ``name``, if there is one."""
-        entry = self._names.get(name)
-        return None if entry is None else entry[0]
+        """The step of a queued or running save named ``name``, if there is one (any thread)."""
+        with self._lock:  # (at most a few requests: the slots, and the one being committed)
+            for request in self._flying:
+                if request.name == name:
+                    return request.step
+        return None
+
+    def holds(self, request: Request) -> bool:
+        """Whether ``request`` holds a slot or a name (any thread): it needs :meth:`unreserve`
+        if its save stops before :meth:`submit`."""
+        return request in self._holders or request in self._flying
 
     # -- the front doors' side -------------------------------------------------------------------
     async def reserve(self, request: Request) -> Request:
@@ -129,35 +158,54 @@ class SaveQueue:
             await self.wait_for_slot(request)
         return request
 
+    def try_reserve(self, request: Request) -> bool:
+        """Take a free slot for ``request`` if one is free and nobody waits for one (any thread).
+
+        Returns whether ``request`` now holds a slot. A caller interrupted in or right after
+        this call asks :meth:`holds` whether it must :meth:`unreserve`. False: the caller goes
+        on to :meth:`reserve_nowait` on the loop, which applies ``when_full``.
+
+        Raises:
+            WriterClosedError: the queue is closed.
+        """
+        with self._lock:
+            if self._closed:
+                raise WriterClosedError(f"the checkpointer for {self._uri} closed during save()")
+            if len(self._holders) == self._slots_total or self._waiters:
+                return False
+            self._holders[request] = None  # the slot is taken by this one store
+            self._flying[request] = None
+            request.reserved = True
+            return True
+
     def reserve_nowait(self, request: Request) -> Request:
         """Take a free slot, or skip; never waits. The request comes back unreserved and
         unresolved (``request.waiting``) when the caller must go on to :meth:`wait_for_slot`
         (block, or coalesce: evicting may have to wait for a copy to stop)."""
-        try:
-            self._slots.acquire_nowait()
-        except anyio.WouldBlock:
-            if self._when_full == "skip":
-                request.handle.resolve("skipped")
-                self._emit(Skipped(request.step, request.name, "queue_full"))
+        if self.try_reserve(request):
             return request
-        return self._reserved(request)
+        if self._when_full == "skip":
+            request.handle.resolve("skipped")
+            self._emit(Skipped(request.step, request.name, "queue_full"))
+        return request
 
     async def wait_for_slot(self, request: Request) -> Request:
         """Every slot is taken and the policy blocks or coalesces (then the oldest waiting
         snapshot is dropped, if one is waiting)."""
-        if self._when_full == "coalesce" and await self._evict_oldest():
+        if self._when_full == "coalesce" and await self._evict_oldest(request):
             return self._reserved(request)  # _evict_oldest took the slot it freed
         # block; or coalesce while every slot is held by a snapshot still being taken
         # (concurrent saves from several tasks), so nothing waits to be replaced
-        await self._slots.acquire()
+        await self._acquire(request)
         return self._reserved(request)
 
     def unreserve(self, request: Request) -> None:
-        """Give back the slot of a save whose snapshot failed."""
-        if request.reserved:
+        """Give back the slot and name of a save that stopped before :meth:`submit` (on the
+        loop); nothing if it holds neither."""
+        with self._lock:
             request.reserved = False
-            self._slots.release()
-            self._drop_name(request.name)
+            self._flying.pop(request, None)
+        self._give(request)
 
     def submit(self, request: Request, snapshot: Snapshot) -> SaveHandle:
         """Queue a taken snapshot and start its background copy, if it has one."""
@@ -180,7 +228,8 @@ class SaveQueue:
         try:
             self.submit(request, snapshot)
         except WriterClosedError:
-            self._drop_name(request.name)
+            with self._lock:
+                self._flying.pop(request, None)
             request.handle.resolve("cancelled")
 
     async def wait_idle(self) -> None:
@@ -198,12 +247,13 @@ class SaveQueue:
         if not job.released:
             job.released = True
             job.snapshot = self._snapshots.release(job.snapshot)
-            self._slots.release()
+            self._give(job.request)
 
     def finish(self, job: Job) -> None:
         """Bookkeeping when a job leaves the writer, whatever its outcome."""
         self.release(job)
-        self._drop_name(job.request.name)
+        with self._lock:
+            self._flying.pop(job.request, None)
         job.request.handle.resolve("cancelled")  # no-op unless still pending
         self._unfinished -= 1
         if self._unfinished == 0:
@@ -228,17 +278,58 @@ class SaveQueue:
             self._evict.close()
 
     # -- internals -------------------------------------------------------------------------------
-    def _reserved(self, request: Request) -> Request:
-        if self._closed:
-            self._slots.release()
-            raise WriterClosedError(f"the checkpointer for {self._uri} closed during save()")
-        entry = self._names.setdefault(request.name, [request.step, 0])
-        entry[1] += 1
-        request.reserved = True
-        return request
+    def _acquire_nowait(self, request: Request) -> bool:
+        """Take a free slot for ``request`` unless there is none or someone waits for one."""
+        with self._lock:
+            if len(self._holders) == self._slots_total or self._waiters:
+                return False
+            self._holders[request] = None
+            return True
 
-    async def _evict_oldest(self) -> bool:
-        """Coalesce: drop the oldest waiting snapshot to make room."""
+    async def _acquire(self, request: Request) -> None:
+        """Wait for a slot for ``request``, after every save that waited before (on the loop)."""
+        waiter = _Waiter(request, anyio.Event())
+        with self._lock:
+            if len(self._holders) < self._slots_total and not self._waiters:
+                self._holders[request] = None
+                return
+            self._waiters.append(waiter)
+        try:
+            await waiter.event.wait()
+        except BaseException:
+            with self._lock:
+                granted = waiter.granted
+                if not granted:
+                    self._waiters.remove(waiter)
+            if granted:  # handed a slot just as it was cancelled: pass it on
+                self._give(request)
+            raise
+
+    def _give(self, holder: Request) -> None:
+        """Free ``holder``'s slot, if it has one: to the oldest waiter if there is one."""
+        with self._lock:
+            if holder not in self._holders:
+                return
+            del self._holders[holder]
+            if not self._waiters:
+                return
+            waiter = self._waiters.popleft()
+            waiter.granted = True
+            self._holders[waiter.request] = None
+        waiter.event.set()
+
+    def _reserved(self, request: Request) -> Request:
+        """Mark ``request``, which holds the slot its caller just took, as in flight."""
+        with self._lock:
+            if not self._closed:
+                self._flying[request] = None
+                request.reserved = True
+                return request
+        self._give(request)
+        raise WriterClosedError(f"the checkpointer for {self._uri} closed during save()")
+
+    async def _evict_oldest(self, request: Request) -> bool:
+        """Coalesce: drop the oldest waiting snapshot to make room for ``request``."""
         try:
             job = self._evict.receive_nowait()
         except anyio.WouldBlock:
@@ -247,15 +338,8 @@ class SaveQueue:
         self._emit(Skipped(job.request.step, job.request.name, "coalesced"))
         await self._snapshots.stop(job.snapshot)  # its arena is reused next: nothing may write it
         self.finish(job)
-        try:
-            self._slots.acquire_nowait()  # the slot the evicted job just gave back ...
-        except anyio.WouldBlock:  # ... unless a concurrently blocked save() was handed it first
-            await self._slots.acquire()
+        # the slot the evicted job just gave back, unless a save that waited before was
+        # handed it first
+        if not self._acquire_nowait(request):
+            await self._acquire(request)
         return True
-
-    def _drop_name(self, name: str) -> None:
-        entry = self._names.get(name)
-        if entry is not None:
-            entry[1] -= 1
-            if entry[1] <= 0:
-                del self._names[name]

@@ -7,6 +7,7 @@ if the caller waits on it, otherwise at the next ``save()`` / ``flush()`` / ``cl
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Callable, Iterable
 
 from .._errors import WriterError
@@ -26,6 +27,9 @@ class Reporter:
         self.stats = StatsCollector()
         self._observers: list[Observer] = []
         self._errors: list[tuple[str, BaseException]] = []
+        # The sync front door checks for failures on the training thread (save() validates
+        # there) while the writer records them on its loop.
+        self._errors_lock = threading.Lock()
         for observer in observers:
             self.subscribe(observer)
 
@@ -50,17 +54,22 @@ class Reporter:
     def record_error(self, what: str, exc: BaseException) -> None:
         """Keep a background failure for the caller (``what``: the operation that failed)."""
         logger.error("asyncckpt: %s failed: %r", what, exc)
-        self._errors.append((what, exc))
+        with self._errors_lock:
+            self._errors.append((what, exc))
 
     def forget_error(self, exc: BaseException) -> None:
         """A handle raised ``exc`` to its caller: it is reported, do not raise it again."""
-        self._errors = [(what, e) for what, e in self._errors if e is not exc]
+        with self._errors_lock:
+            self._errors = [(what, e) for what, e in self._errors if e is not exc]
 
     def raise_pending(self) -> None:
         """Raise the failures recorded so far as one :class:`WriterError` (then forget them)."""
         if not self._errors:
             return
-        errors, self._errors = self._errors, []
+        with self._errors_lock:
+            errors, self._errors = self._errors, []
+        if not errors:
+            return
         what, first = errors[0]
         more = f" (and {len(errors) - 1} more failure(s), see .errors)" if len(errors) > 1 else ""
         raise WriterError(

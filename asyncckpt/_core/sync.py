@@ -2,10 +2,11 @@
 
 The core runs on an event loop in one background thread for the checkpointer's whole life, and
 the training thread talks to it through one ``anyio.from_thread.BlockingPortal``. The snapshot
-copy runs on the training thread itself (the caller waits for it anyway), so a save costs one
-round trip to the loop before the copy (reserve a slot: the policy may skip, and only when the
-queue is full and the policy blocks or coalesces does a second call wait for a slot) and one
-one-way message after it (enqueue), which the loop runs before any later call from the caller.
+copy runs on the training thread itself (the caller waits for it anyway). A save validates its
+arguments and takes a free queue slot on this thread too, so it costs only one one-way message
+to the loop after the copy (enqueue), which the loop runs before any later call from the caller.
+Only when the queue is full does it ask the loop, which applies ``when_full`` (skip; or wait
+for a slot, in a second call, when the policy blocks or coalesces).
 A pipelined snapshot copies only the unguarded part here; the guards of the rest are hooked on
 this thread too, and ``wait_snapshot()`` blocks this thread without involving the event loop.
 """
@@ -21,7 +22,6 @@ import warnings
 import weakref
 from collections.abc import Callable, Iterable, Mapping
 from contextlib import AbstractContextManager
-from functools import partial
 from types import TracebackType
 from typing import Any, TypeVar
 
@@ -202,6 +202,7 @@ class Checkpointer(EngineViews):
         self._engine = make_engine(storage, config, observers=observers, **extra)
         self._thread = _PortalThread(name=f"asyncckpt-writer[{self._engine.uri}]")
         self._portal = self._thread.portal
+        self._saving = threading.Lock()
         cm = self._portal.wrap_async_context_manager(self._engine)
         try:
             cm.__enter__()
@@ -241,36 +242,44 @@ class Checkpointer(EngineViews):
         engine = self._engine
         mode = snapshot_mode(snapshot, engine.config.snapshot)
         engine.snapshots.guards.remove_stopped()
-        reserve = partial(self._reserve_on_loop, step, epoch, metrics, name, t0, keep, supersedes)
-        request = self._reservation(  # one round trip to the loop
-            lambda done: self._loop().call_soon_threadsafe(_run_into, done, reserve)
-        )
-        if request.waiting:  # queue full: block or coalesce
-            request = self._reservation(
-                lambda done: self._portal.start_task_soon(
-                    _await_into, done, engine.queue.wait_for_slot, request)
-            )
-        if not request.reserved:
-            return SyncSaveHandle(self._portal, request.handle)
+        request: Request | None = None
         try:
+            with self._saving:  # validation and reservation are one step for concurrent saves
+                request = engine.request(step, epoch, metrics, name, t0, keep=keep,
+                                         supersedes=supersedes)
+                reserved = engine.queue.try_reserve(request)  # no round trip when a slot is free
+            if not reserved:  # queue full: skip, or wait (block, coalesce) on the loop
+                request = self._reserve_on_loop(request)
+                if not request.reserved:
+                    return SyncSaveHandle(self._portal, request.handle)
             snap = engine.snapshots.take(state, mode, caller_streams())
         except BaseException:
-            self._portal.call(engine.queue.unreserve, request)
+            # Also Ctrl-C as or right after the slot was taken: give it back, never leak it.
+            if request is not None and engine.queue.holds(request):
+                self._portal.call(engine.queue.unreserve, request)
             raise
-        request.stall = time.perf_counter() - t0
         # Guards first: once queued, a pipelined copy may run, and it must never run unguarded.
         engine.snapshots.guards.install(snap.pending)
+        handle = SyncSaveHandle(self._portal, request.handle)
+        request.stall = time.perf_counter() - t0  # what the caller waits, up to the hand-off
         # One-way: the loop runs callbacks in order, so this is queued before anything the
         # caller asks through the portal next (wait, flush, close).
         self._loop().call_soon_threadsafe(engine.queue.submit_or_cancel, request, snap)
-        return SyncSaveHandle(self._portal, request.handle)
+        return handle
 
-    def _reserve_on_loop(self, step: object, epoch: object, metrics: object, name: object,
-                         t0: float, keep: object, supersedes: object) -> Request:
-        """On the loop: validate the save and take a slot if one is free."""
-        engine = self._engine
-        request = engine.request(step, epoch, metrics, name, t0, keep=keep, supersedes=supersedes)
-        return engine.queue.reserve_nowait(request)
+    def _reserve_on_loop(self, request: Request) -> Request:
+        """The queue is full: let the loop apply ``when_full`` (skip, or wait for a slot)."""
+        queue = self._engine.queue
+        request = self._reservation(
+            lambda done: self._loop().call_soon_threadsafe(
+                _run_into, done, queue.reserve_nowait, request)
+        )
+        if request.waiting:  # block or coalesce
+            request = self._reservation(
+                lambda done: self._portal.start_task_soon(
+                    _await_into, done, queue.wait_for_slot, request)
+            )
+        return request
 
     def _loop(self) -> asyncio.AbstractEventLoop:
         loop = self._thread.loop

@@ -14,14 +14,16 @@ The file is what ``torch.save(snapshot.tree, f)`` writes (zip archive: ``data.pk
 * **Zero copy.** The writer hands every record to ``sink.write`` as a memoryview. Tensor payloads
   point straight into the snapshot's arena; those are passed to storage as they are. Everything
   else (zip headers from short-lived C++ buffers, the pickle, the central directory) is copied
-  into ~1 MiB chunks before ``write`` returns -- unless the consumer is blocking
-  (``borrowed=True``): it uses each view before ``emit`` returns, so nothing is copied here.
+  into ~1 MiB chunks before ``write`` returns. A blocking consumer (``borrowed=True``) uses each
+  view before ``emit`` returns, so large pieces are passed on uncopied whatever owns them; small
+  ones are still gathered (a state of many small tensors makes a few writes per tensor).
 
 ``serialize`` is blocking and runs in a worker thread; ``emit`` receives the chunks in order.
 """
 
 from __future__ import annotations
 
+import collections
 import copyreg
 import io
 import pickle
@@ -40,6 +42,11 @@ from .hashing import CHECKSUM_ALGO, Hasher, checksum_of
 __all__ = ["CHECKSUM_ALGO", "Hasher", "checksum_of", "serialize"]
 
 _ZERO_COPY_MIN = 64 * 1024
+# types the pickler meets that are never storages (persistent_id's fast answer)
+_NOT_STORAGES = frozenset({
+    str, int, float, bool, type(None), bytes, tuple, list, dict, collections.OrderedDict,
+    torch.Tensor, torch.nn.Parameter, torch.Size, torch.dtype, torch.device, type,
+})
 _CHUNK = 1 << 20
 _PICKLE_PROTOCOL = 2  # torch.serialization.DEFAULT_PROTOCOL
 
@@ -85,11 +92,11 @@ class _Sink:
         self.size += n
         if self.failure is not None:
             return n
-        self.hasher.update(view)
-        if self._borrowed:
-            self._send(view)
-        elif n >= _ZERO_COPY_MIN and self._owned(view):
+        # Small writes (zip headers and names, a few per record) are gathered even for a
+        # borrowing consumer: on a state of many small tensors they are most of the calls.
+        if n >= _ZERO_COPY_MIN and (self._borrowed or self._owned(view)):
             self._drain()
+            self.hasher.update(view)
             self._send(view)
         else:
             self._buf += view
@@ -105,10 +112,12 @@ class _Sink:
         self._emit = _discard
         self._borrowed = True
         self._buf = bytearray()
+        self.hasher = Hasher()  # (the stream is dropped: its checksum is never used)
 
     def _drain(self) -> None:
         if self._buf:
             chunk, self._buf = self._buf, bytearray()
+            self.hasher.update(chunk)
             self._send(chunk)
 
     def finish(self) -> None:
@@ -151,7 +160,8 @@ def serialize(
         reducers: copyreg-style reduce functions for extra types, used instead of the classes'
             own pickling (for this file only; ``copyreg``'s global table is not touched).
         cpu_locations: record every storage as ``cpu`` rather than the device it came from.
-        borrowed: pass writes on uncopied; ``emit`` must consume each before it returns.
+        borrowed: pass large writes on uncopied (small ones are gathered); ``emit`` must
+            consume each chunk before it returns.
     """
     serialized: dict[str, torch.UntypedStorage] = {}
     id_map: dict[int, str] = {}
@@ -160,6 +170,10 @@ def serialize(
 
     def persistent_id(obj: Any) -> tuple[Any, ...] | None:
         # Mirrors torch.serialization._save's persistent_id, plus the location override.
+        # The pickler asks about every object it meets (a dozen per tensor): the common
+        # plain types are answered first.
+        if type(obj) in _NOT_STORAGES:
+            return None
         if isinstance(obj, torch.storage.TypedStorage) or torch.is_storage(obj):
             if isinstance(obj, torch.storage.TypedStorage):
                 storage = obj._untyped_storage
@@ -178,12 +192,9 @@ def serialize(
             return ("storage", storage_type, key, location, numel)
         return None
 
-    class _Pickler(pickle.Pickler):
-        def persistent_id(self, obj: Any) -> Any:
-            return persistent_id(obj)
-
     data_buf = io.BytesIO()
-    pickler = _Pickler(data_buf, protocol=_PICKLE_PROTOCOL)
+    pickler = pickle.Pickler(data_buf, protocol=_PICKLE_PROTOCOL)
+    pickler.persistent_id = persistent_id  # type: ignore[method-assign]  # one call, not two
     if dispatch is not None:
         pickler.dispatch_table = dispatch
     pickler.dump(snapshot.tree)

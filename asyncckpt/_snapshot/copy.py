@@ -8,13 +8,16 @@ from __future__ import annotations
 
 import ctypes
 import threading
+from collections.abc import Callable
 from concurrent.futures import Executor
+from dataclasses import dataclass
 
 import torch
 
 from .plan import SnapshotPlan
 
 __all__ = [
+    "CpuSplit",
     "CudaCopier",
     "SharedCopy",
     "byte_view",
@@ -72,6 +75,23 @@ def stream_of(device: torch.device, streams: dict[int, torch.cuda.Stream] | None
 
 _PIECE = 8 << 20  # a unit of work in a shared CPU copy
 _SHARE_MIN = 32 << 20  # below this a second thread costs more than it saves
+_SMALL = 64 << 10  # storages below this are copied in one loop, keeping the GIL
+
+
+def _gil_memmove() -> Callable[[int, int, int], object]:
+    """libc's memmove called *without* releasing the GIL (ctypes.memmove releases and
+    re-takes it at every call, which for a 64-byte copy costs more than the copy, and lets
+    every other thread cut in); ctypes.memmove where libc cannot be opened that way."""
+    try:
+        fn = ctypes.PyDLL(None).memmove
+    except (OSError, AttributeError, TypeError):  # pragma: no cover - e.g. Windows
+        return ctypes.memmove
+    fn.restype = None
+    fn.argtypes = (ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t)
+    return fn
+
+
+_small_memmove = _gil_memmove()
 
 
 class SharedCopy:
@@ -134,6 +154,27 @@ class SharedCopy:
                     raise interrupted
 
 
+@dataclass(frozen=True)
+class CpuSplit:
+    """CPU storages to copy, split by size: the small ones (index, arena offset, size) are
+    memmoved in one loop on the caller's thread, the large ones in shared pieces."""
+
+    small: list[int]
+    offsets: list[int]
+    sizes: list[int]
+    large: list[int]
+
+    @classmethod
+    def of(cls, plan: SnapshotPlan, indices: list[int]) -> CpuSplit:
+        small = [i for i in indices if 0 < plan.storages[i].nbytes < _SMALL]
+        return cls(
+            small,
+            [plan.storages[i].offset for i in small],
+            [plan.storages[i].nbytes for i in small],
+            [i for i in indices if plan.storages[i].nbytes >= _SMALL],
+        )
+
+
 def copy_now(
     plan: SnapshotPlan,
     dsts: list[torch.UntypedStorage],
@@ -142,17 +183,25 @@ def copy_now(
     streams: dict[int, torch.cuda.Stream] | None,
     pinned: bool,
     helper: Executor | None = None,
+    *,
+    by_device: dict[torch.device, list[int]] | None = None,
+    cpu_split: CpuSplit | None = None,
 ) -> None:
     """The eager copy: CPU storages directly (shared with ``helper``'s thread when they are
-    large), CUDA ones on a side stream, then wait for them."""
+    large), CUDA ones on a side stream, then wait for them.
+
+    ``dsts`` are slices of one arena, at the planned offsets. ``by_device``: ``indices``
+    grouped by device, and ``cpu_split``: its CPU ones split by size, when the caller has
+    them already."""
     cuda_events: list[torch.cuda.Event] = []
-    by_device: dict[torch.device, list[int]] = {}
-    for i in indices:
-        by_device.setdefault(plan.storages[i].device, []).append(i)
+    if by_device is None:
+        by_device = {}
+        for i in indices:
+            by_device.setdefault(plan.storages[i].device, []).append(i)
     side_streams: list[torch.cuda.Stream] = []
     try:
         _queue_and_copy(plan, dsts, by_device, copier, streams, pinned, helper, cuda_events,
-                        side_streams)
+                        side_streams, cpu_split)
     except BaseException:
         # (Ctrl-C, a failed copy): the caller gives the arena back when this raises, so the
         # device copies already queued into it must be complete first.
@@ -176,6 +225,7 @@ def _queue_and_copy(
     helper: Executor | None,
     cuda_events: list[torch.cuda.Event],
     side_streams: list[torch.cuda.Stream],
+    cpu_split: CpuSplit | None = None,
 ) -> None:
     """``copy_now``'s work: queue the device copies (recording an event per device, and the
     side streams used), copy the host ones."""
@@ -188,7 +238,7 @@ def _queue_and_copy(
                 for i in specs:
                     spec = plan.storages[i]
                     if spec.nbytes:
-                        src = byte_view(spec.src, device)
+                        src = byte_view(plan.sources[i], device)
                         byte_view(dsts[i], _CPU).copy_(src, non_blocking=pinned)
             event = torch.cuda.Event()
             event.record(stream)
@@ -197,15 +247,25 @@ def _queue_and_copy(
             # memmove, not copy_: ctypes releases the GIL, and it never wakes torch's OpenMP
             # pool, whose barrier costs 10-20x the copy itself when the other cores are busy
             # (our own writer thread, the data loader). A helper thread may share the pieces.
-            pieces = [
-                (dsts[i].data_ptr() + start, plan.storages[i].src.data_ptr() + start,
-                 min(_PIECE, plan.storages[i].nbytes - start))
-                for i in specs
-                for start in range(0, plan.storages[i].nbytes, _PIECE)
-            ]
-            SharedCopy(pieces).run(helper)
+            # Small storages (many-tensor states) are copied in one tight loop instead.
+            storages, sources = plan.storages, plan.sources
+            split = cpu_split if cpu_split is not None else CpuSplit.of(plan, specs)
+            # the arena's address (every non-empty dst is a slice of it at its offset)
+            base = dsts[split.small[0]].data_ptr() - split.offsets[0] if split.small else 0
+            memmove = _small_memmove
+            for i, offset, n in zip(split.small, split.offsets, split.sizes, strict=True):
+                memmove(base + offset, sources[i].data_ptr(), n)
+            large = split.large
+            if large:
+                pieces = [
+                    (dsts[i].data_ptr() + start, sources[i].data_ptr() + start,
+                     min(_PIECE, storages[i].nbytes - start))
+                    for i in large
+                    for start in range(0, storages[i].nbytes, _PIECE)
+                ]
+                SharedCopy(pieces).run(helper)
         else:
             for i in specs:
                 spec = plan.storages[i]
                 if spec.nbytes:
-                    byte_view(dsts[i], _CPU).copy_(byte_view(spec.src, device))
+                    byte_view(dsts[i], _CPU).copy_(byte_view(plan.sources[i], device))

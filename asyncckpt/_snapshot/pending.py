@@ -44,6 +44,7 @@ import torch
 import xxhash
 
 from .._errors import SnapshotMutatedError
+from .plan import format_path
 
 __all__ = ["CHUNK_BYTES", "CopyMonitor", "DeferredStorage", "GuardGroup", "PendingCopy",
            "host_checksum"]
@@ -72,26 +73,40 @@ class DeferredStorage:
     """One storage left to the background copy.
 
     Attributes:
-        src: uint8 view of the caller's storage (on its device); dropped once the copy stopped.
-        dst: uint8 view of its place in the arena.
-        path: where it first appears in the state (for error messages).
+        src: the caller's storage (a CPU one as it is, a device one as a uint8 view); dropped
+            once the copy stopped.
+        dst: its place in the arena (a storage, or a uint8 view for a device copy).
+        path: where it first appears in the state (for error messages; a path tuple is
+            formatted only when a message needs it).
         group: index of the first guard group (optimizer) that updates it.
         expected: checksum of the source at save() time (``check_snapshot`` only).
     """
 
-    src: torch.Tensor | None
-    dst: torch.Tensor
-    path: str
+    src: torch.Tensor | torch.UntypedStorage | None
+    dst: torch.Tensor | torch.UntypedStorage
+    path: str | tuple[object, ...]
     group: int
     expected: int | None = None
     on_cuda: bool = field(init=False)
+    nbytes: int = field(init=False)
 
     def __post_init__(self) -> None:
         self.on_cuda = self.src is not None and self.src.device.type == "cuda"
+        dst = self.dst
+        self.nbytes = dst.nbytes() if isinstance(dst, torch.UntypedStorage) else dst.numel()
 
     @property
-    def nbytes(self) -> int:
-        return self.dst.numel()
+    def where(self) -> str:
+        """Where the storage first appears in the state, as Python source."""
+        path = self.path
+        return path if isinstance(path, str) else format_path(path)
+
+
+def _bytes(x: torch.Tensor | torch.UntypedStorage) -> torch.Tensor:
+    """A flat uint8 tensor over ``x``."""
+    if isinstance(x, torch.UntypedStorage):
+        return torch.empty(0, dtype=torch.uint8, device=x.device).set_(x)
+    return x
 
 
 @dataclass(eq=False)
@@ -245,12 +260,12 @@ class PendingCopy:
             if probe is not None:
                 probe("chunk", index)
             if item.src is None:
-                raise RuntimeError(f"{item.path}: source dropped before its copy")
+                raise RuntimeError(f"{item.where}: source dropped before its copy")
             if item.src.device.type == "cpu":  # memmove: releases the GIL, no OpenMP barrier
                 ctypes.memmove(item.dst.data_ptr() + start, item.src.data_ptr() + start,
                                end - start)
             else:
-                item.dst[start:end].copy_(item.src[start:end])
+                _bytes(item.dst)[start:end].copy_(_bytes(item.src)[start:end])
             with self._cond:
                 self._left[index] -= end - start
                 finished = self._left[index] == 0
@@ -281,14 +296,14 @@ class PendingCopy:
     def _verify(self, item: DeferredStorage) -> None:
         if item.expected is None:
             return
-        if host_checksum(item.dst) != item.expected:
+        if host_checksum(_bytes(item.dst)) != item.expected:
             raise SnapshotMutatedError(
-                f"{item.path} ({item.nbytes} bytes) was modified in place after save() returned "
+                f"{item.where} ({item.nbytes} bytes) was modified in place after save() returned "
                 "and before its background copy completed, so the checkpoint would not hold "
                 "the state at save(). Only the optimizer step of an optimizer in the state is "
                 "guarded: call wait_snapshot() before changing its tensors any other way, or "
                 "use snapshot='eager'.",
-                item.path,
+                item.where,
             )
 
     # -- cancelling and waiting ------------------------------------------------------------------
@@ -335,8 +350,7 @@ class PendingCopy:
     async def wait_all_async(self) -> None:
         """Like :meth:`wait_all`, without blocking the event loop."""
         if self._stopped:
-            self._report(False, 0.0)
-            return
+            return  # nothing pending: not a guard that ran (see _guarded)
         t0 = time.perf_counter()
         self._prioritize(range(len(self.items)))
         if self._monitor.probe is not None:
@@ -380,14 +394,18 @@ class PendingCopy:
             return missing
 
     def _guarded(self, cpu_items: Any, events: dict[int, torch.cuda.Event]) -> None:
+        # A hook stays installed until the front door removes it at a safe point, so most
+        # steps after a save find the copy stopped: those are not guards that ran while a
+        # copy was pending, and are neither counted nor timed.
+        if self._stopped:
+            return
         t0 = time.perf_counter()
         waited = False
-        if not self._stopped:
-            for device, event in events.items():
-                if not event.query():
-                    # The training stream waits on the device; the host goes on at once.
-                    torch.cuda.current_stream(device).wait_event(event)
-                    waited = True
+        for device, event in events.items():
+            if not event.query():
+                # The training stream waits on the device; the host goes on at once.
+                torch.cuda.current_stream(device).wait_event(event)
+                waited = True
         missing = self._prioritize(cpu_items)
         if missing:
             waited = True

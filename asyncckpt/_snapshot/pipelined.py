@@ -19,7 +19,7 @@ import torch
 
 from .copy import CudaCopier, byte_view, copy_now, device_index, stream_of
 from .pending import CopyMonitor, DeferredStorage, GuardGroup, PendingCopy, host_checksum
-from .plan import SnapshotPlan, format_path
+from .plan import SnapshotPlan
 
 __all__ = ["Guards", "stage"]
 
@@ -56,16 +56,20 @@ def stage(
     items: list[DeferredStorage] = []
     for g, i in order:
         spec = plan.storages[i]
-        src = byte_view(spec.src, spec.device)
+        on_cuda = spec.device.type == "cuda"
+        source = plan.sources[i]
         expected = None
         if check:  # debug only: a full read now (for CUDA, a synchronous copy to the host)
-            if spec.device.type == "cuda":
+            if on_cuda:
                 with torch.cuda.stream(stream_of(spec.device, streams)):
-                    expected = host_checksum(src.cpu())
+                    expected = host_checksum(byte_view(source, spec.device).cpu())
             else:
-                expected = host_checksum(src)
-        items.append(DeferredStorage(src, byte_view(dsts[i], _CPU), format_path(spec.first_path),
-                                     g, expected))
+                expected = host_checksum(byte_view(source, spec.device))
+        if on_cuda:  # copied with copy_ below: tensors
+            items.append(DeferredStorage(byte_view(source, spec.device),
+                                         byte_view(dsts[i], _CPU), spec.first_path, g, expected))
+        else:  # memmoved by the copy thread: the storages do
+            items.append(DeferredStorage(source, dsts[i], spec.first_path, g, expected))
     # CUDA device index per item (None: a CPU storage, copied by the copy thread)
     device_of = [
         device_index(plan.storages[i].device) if plan.storages[i].device.type == "cuda" else None
@@ -82,9 +86,11 @@ def stage(
         events = group_events.setdefault(index, {})
         mine = [item for item, d in zip(items, device_of, strict=True) if d == index]
         for k, item in enumerate(mine):
+            src, dst = item.src, item.dst
             with torch.cuda.stream(caller if item.group < 0 else side):
-                if item.nbytes and item.src is not None:
-                    item.dst.copy_(item.src, non_blocking=pinned)
+                # (a device item's source and place are uint8 tensors, see above)
+                if item.nbytes and isinstance(src, torch.Tensor) and isinstance(dst, torch.Tensor):
+                    dst.copy_(src, non_blocking=pinned)
             if item.group >= 0 and (k + 1 == len(mine) or mine[k + 1].group != item.group):
                 event = torch.cuda.Event()
                 event.record(side)

@@ -22,7 +22,17 @@ from torch.serialization import location_tag
 from .._format.paths import PathKey
 from .pool import align
 
-__all__ = ["SnapshotPlan", "format_path", "plan_snapshot"]
+__all__ = [
+    "PlanLayout",
+    "SnapshotPlan",
+    "TensorKey",
+    "check_key",
+    "format_path",
+    "owned_storages",
+    "placeholder",
+    "plan_snapshot",
+    "tensor_key",
+]
 
 _SCALARS = (bool, int, float, complex, str, bytes, type(None), torch.dtype, torch.device)
 # dtypes torch.save records through _rebuild_tensor_v3 (no legacy storage type)
@@ -48,9 +58,8 @@ def format_path(path: tuple[object, ...]) -> str:
     return "".join(out)
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class _StorageCopy:
-    src: torch.UntypedStorage
     nbytes: int
     device: torch.device
     location: str
@@ -59,18 +68,58 @@ class _StorageCopy:
     offset: int = 0
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class _TensorCopy:
-    dst: torch.Tensor
     storage: int
     storage_offset: int
     size: tuple[int, ...]
     stride: tuple[int, ...]
 
 
+#: What identifies a planned tensor, besides the storage it views: a tensor of another type,
+#: dtype, device, layout, grad flag, offset, shape or stride needs another plan.
+TensorKey = tuple[type[torch.Tensor], torch.dtype, torch.device, torch.layout, bool,
+                  int | torch.SymInt, torch.Size, tuple[int, ...]]
+
+
+def tensor_key(t: torch.Tensor) -> TensorKey:
+    """The :data:`TensorKey` of ``t``."""
+    return (type(t), t.dtype, t.device, t.layout, t.requires_grad, t.storage_offset(), t.shape,
+            t.stride())
+
+
+@dataclass(eq=False)
+class PlanLayout:
+    """What a plan is, once its state's values are set aside: reused while the structure repeats.
+
+    Attributes:
+        storages: the storages to copy, in order of first appearance, with their arena offsets.
+        tensors: per tensor met in the walk, in walk order: the storage it views and how.
+        keys: per tensor, its :data:`TensorKey` (what a repeated state must match).
+        nbytes: arena bytes needed.
+    """
+
+    storages: list[_StorageCopy]
+    tensors: list[_TensorCopy]
+    keys: list[TensorKey]
+    nbytes: int
+    #: derived figures a snapshot needs, computed once (``snapshot._summary``)
+    summary: object | None = None
+    #: per tensor: its key, the index of its storage and that storage's size (what a replay
+    #: checks, in one place)
+    expected: list[tuple[TensorKey, int, int]] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.expected = [
+            (key, tc.storage, self.storages[tc.storage].nbytes)
+            for key, tc in zip(self.keys, self.tensors, strict=True)
+        ]
+
+
 @dataclass(eq=False)
 class SnapshotPlan:
-    """What a snapshot will copy; built by :func:`plan_snapshot`."""
+    """What a snapshot will copy; built by :func:`plan_snapshot` (or replayed from a
+    :class:`PlanLayout` by ``replay.replay_plan``)."""
 
     tree: Any
     storages: list[_StorageCopy]
@@ -82,6 +131,15 @@ class SnapshotPlan:
     nbytes: int
     #: optimizers found in the state, each with the storages it updates (params and state)
     owners: list[tuple[torch.optim.Optimizer, tuple[int, ...]]] = field(default_factory=list)
+    #: the caller's storage behind each entry of ``storages`` (the list is emptied once the
+    #: snapshot is copied, so that it keeps none of them alive)
+    sources: list[torch.UntypedStorage] = field(default_factory=list)
+    #: the placeholder tensor in ``tree`` for each entry of ``tensors``
+    placeholders: list[torch.Tensor] = field(default_factory=list)
+    #: the reusable part (None: this state cannot be replayed, e.g. it holds numpy arrays)
+    layout: PlanLayout | None = None
+    #: the placeholders are already bound to this arena binding (``pool.Arena.binding``)
+    bound: object | None = None
 
     @property
     def devices(self) -> set[torch.device]:
@@ -93,7 +151,7 @@ def _numpy() -> Any:
     return sys.modules.get("numpy")  # never import numpy just to find out a value is not an array
 
 
-def _check_key(key: object, path: tuple[object, ...]) -> None:
+def check_key(key: object, path: tuple[object, ...]) -> None:
     if key == b"":
         raise TypeError(
             f"{format_path(path)} has the dict key b'', which torch.load(weights_only=True) "
@@ -103,7 +161,7 @@ def _check_key(key: object, path: tuple[object, ...]) -> None:
         return
     if type(key) is tuple:
         for k in key:
-            _check_key(k, path)
+            check_key(k, path)
         return
     raise TypeError(
         f"{format_path(path)} has a dict key of type {type(key).__qualname__} ({key!r:.60}); "
@@ -116,11 +174,16 @@ class _Planner:
     def __init__(self, extra_types: Collection[type] = ()) -> None:
         self.extra_types = frozenset(extra_types)
         self.storages: list[_StorageCopy] = []
+        self.sources: list[torch.UntypedStorage] = []
         self.tensors: list[_TensorCopy] = []
+        self.placeholders: list[torch.Tensor] = []
+        self.keys: list[TensorKey] = []
         self.numpy_paths: list[PathKey] = []
         self.cloned: list[torch.UntypedStorage] = []
         self.optimizers: list[torch.optim.Optimizer] = []
         self.by_cdata: dict[int, int] = {}
+        self.saw_numpy = False
+        self.saw_clone = False
         # id -> (original, copy): holding the original keeps its id from being reused by a
         # temporary (e.g. a state_dict() result) while the walk is still running.
         self._memo: dict[int, tuple[object, object]] = {}
@@ -168,7 +231,7 @@ class _Planner:
         if kind is dict or kind is OrderedDict:
             out: dict[object, object] = kind()
             for key, value in obj.items():
-                _check_key(key, path)
+                check_key(key, path)
                 out[key] = self.visit(value, (*path, key))
             if kind is OrderedDict and obj.__dict__:
                 # nn.Module.state_dict() keeps per-module versions in ``_metadata``;
@@ -230,6 +293,7 @@ class _Planner:
         except TypeError as exc:
             raise TypeError(f"{format_path(path)}: numpy array not convertible: {exc}") from None
         self._record_numpy(path)
+        self.saw_numpy = True  # a fresh tensor over the array each time: nothing to replay
         return self._tensor(tensor, path)
 
     def _tensor(self, t: torch.Tensor, path: tuple[object, ...]) -> torch.Tensor:
@@ -262,9 +326,8 @@ class _Planner:
             self.by_cdata[storage._cdata] = index
             # location_tag() asks every registered backend; a CPU tensor's tag is "cpu".
             location = "cpu" if device.type == "cpu" else location_tag(storage)
-            self.storages.append(
-                _StorageCopy(storage, storage.nbytes(), device, location, t.dtype, path)
-            )
+            self.storages.append(_StorageCopy(storage.nbytes(), device, location, t.dtype, path))
+            self.sources.append(storage)
         else:
             spec = self.storages[index]
             if spec.dtype != t.dtype:
@@ -273,18 +336,17 @@ class _Planner:
                     f"({spec.dtype}) view the same storage as different dtypes, which torch.save "
                     "cannot store; clone one of them"
                 )
-        dst = torch.empty(0, dtype=t.dtype)
-        if kind is torch.nn.Parameter:
-            dst = torch.nn.Parameter(dst, requires_grad=t.requires_grad)
-        elif t.requires_grad:
-            dst.requires_grad_(True)
         self.tensors.append(
-            _TensorCopy(dst, index, int(t.storage_offset()), tuple(t.size()), tuple(t.stride()))
+            _TensorCopy(index, int(t.storage_offset()), tuple(t.size()), tuple(t.stride()))
         )
+        self.keys.append(tensor_key(t))
+        dst = placeholder(kind, t.dtype, t.requires_grad)
+        self.placeholders.append(dst)
         return dst
 
     def _clone(self, t: torch.Tensor, path: tuple[object, ...]) -> torch.Tensor:
         """Copy a tensor the pool cannot hold (sparse, quantized, conj/neg views, meta)."""
+        self.saw_clone = True  # copied while planning, each time: nothing to replay
         try:
             with torch.no_grad():
                 copy = t.detach().clone() if t.device.type in ("cpu", "meta") else t.detach().cpu()
@@ -297,6 +359,16 @@ class _Planner:
         if copy.layout == torch.strided and copy.device.type == "cpu":
             self.cloned.append(copy.untyped_storage())
         return copy
+
+
+def placeholder(kind: type, dtype: torch.dtype, requires_grad: bool) -> torch.Tensor:
+    """An empty tensor of ``kind`` (Tensor or Parameter), bound to the arena later."""
+    dst = torch.empty(0, dtype=dtype)
+    if kind is torch.nn.Parameter:
+        return torch.nn.Parameter(dst, requires_grad=requires_grad)
+    if requires_grad:
+        dst.requires_grad_(True)
+    return dst
 
 
 def plan_snapshot(state: object, extra_types: Collection[type] = ()) -> SnapshotPlan:
@@ -319,14 +391,17 @@ def plan_snapshot(state: object, extra_types: Collection[type] = ()) -> Snapshot
     for spec in planner.storages:
         spec.offset = offset
         offset += align(spec.nbytes)
-    owners = [(opt, _owned(opt, planner.by_cdata)) for opt in planner.optimizers]
+    owners = [(opt, owned_storages(opt, planner.by_cdata)) for opt in planner.optimizers]
+    layout = None
+    if not (planner.saw_numpy or planner.saw_clone):
+        layout = PlanLayout(planner.storages, planner.tensors, planner.keys, offset)
     return SnapshotPlan(
         tree, planner.storages, planner.tensors, planner.numpy_paths, planner.cloned, offset,
-        owners,
+        owners, planner.sources, planner.placeholders, layout,
     )
 
 
-def _owned(optimizer: torch.optim.Optimizer, by_cdata: dict[int, int]) -> tuple[int, ...]:
+def owned_storages(optimizer: torch.optim.Optimizer, by_cdata: dict[int, int]) -> tuple[int, ...]:
     """Indices of the planned storages that ``optimizer.step()`` may update in place."""
     tensors: list[torch.Tensor] = [p for group in optimizer.param_groups for p in group["params"]]
     for per_param in optimizer.state.values():

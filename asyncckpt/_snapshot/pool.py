@@ -37,6 +37,9 @@ class Arena:
     tensor: torch.Tensor
     capacity: int
     pinned: bool
+    #: what the last snapshot left bound to this arena for the next one to reuse
+    #: (``replay.ArenaBinding``); only the holder of the arena reads or replaces it
+    binding: object | None = None
 
     @property
     def storage(self) -> torch.UntypedStorage:

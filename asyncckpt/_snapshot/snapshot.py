@@ -3,6 +3,8 @@
 ::
 
     plan_snapshot(state)          (plan.py) what to copy, validated, on the caller's thread
+    replay_plan(state, layout)    (replay.py) the same, reusing the last plan while the state's
+                                  structure repeats (and each arena's bound placeholders)
     take_snapshot(plan, arena)    copy every storage into the arena (CUDA: on a side stream
                                   into pinned memory) and bind the placeholders to it with the
                                   original offsets / sizes / strides, so storage sharing is
@@ -16,6 +18,7 @@ copies them in the background behind a guard on that optimizer's ``step()``.
 
 from __future__ import annotations
 
+import gc
 from collections.abc import Callable, Collection
 from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
@@ -25,11 +28,12 @@ import anyio
 import torch
 
 from .._format.paths import PathKey
-from .copy import CudaCopier, copy_now
+from .copy import CpuSplit, CudaCopier, copy_now
 from .pending import CopyMonitor, PendingCopy, ProbeEvent
 from .pipelined import Guards, stage
-from .plan import SnapshotPlan, plan_snapshot
+from .plan import PlanLayout, SnapshotPlan, plan_snapshot
 from .pool import Arena, BufferPool
+from .replay import ArenaBinding, replay_plan
 
 __all__ = ["Snapshot", "SnapshotMode", "Snapshotter", "take_snapshot"]
 
@@ -104,11 +108,18 @@ def take_snapshot(
     """
     if arena.capacity < plan.nbytes:
         raise ValueError(f"arena of {arena.capacity} bytes cannot hold {plan.nbytes} bytes")
-    base = arena.storage
-    dsts: list[torch.UntypedStorage] = []
-    for spec in plan.storages:
-        end = spec.offset + spec.nbytes
-        dsts.append(base[spec.offset : end] if spec.nbytes else torch.UntypedStorage(0))
+    bound = plan.bound
+    if bound is not None and arena.binding is not bound:
+        raise ValueError("the plan's placeholders are bound to another arena")
+    dsts: list[torch.UntypedStorage]
+    if isinstance(bound, ArenaBinding):
+        dsts = bound.dsts  # the placeholders in the tree already view them
+    else:
+        base = arena.storage
+        dsts = []
+        for spec in plan.storages:
+            end = spec.offset + spec.nbytes
+            dsts.append(base[spec.offset : end] if spec.nbytes else torch.UntypedStorage(0))
     group_of: dict[int, int] = {}
     if pipelined:
         for g, (_, owned) in enumerate(plan.owners):
@@ -116,36 +127,40 @@ def take_snapshot(
                 group_of.setdefault(index, g)
     copier = copier or CudaCopier()
     pending: PendingCopy | None = None
+    summary = _summary(plan)
     with torch.no_grad():
-        eager = [i for i in range(len(plan.storages)) if i not in group_of]
-        if pipelined:
+        if group_of:  # pipelined, with something for a guard to defer
+            eager = [i for i in range(len(plan.storages)) if i not in group_of]
             pending = stage(plan, dsts, eager, group_of, copier, streams, check, monitor,
                              arena.pinned, helper)
         else:
-            copy_now(plan, dsts, eager, copier, streams, arena.pinned, helper)
+            copy_now(plan, dsts, summary.everything, copier, streams, arena.pinned, helper,
+                     by_device=summary.by_device, cpu_split=summary.cpu_split)
         try:
-            for tc in plan.tensors:
-                tc.dst.set_(dsts[tc.storage], tc.storage_offset, tc.size, tc.stride)
+            if bound is None:
+                for tc, dst in zip(plan.tensors, plan.placeholders, strict=True):
+                    dst.set_(dsts[tc.storage], tc.storage_offset, tc.size, tc.stride)
+                # The next replay of this layout into this arena reuses these placeholders.
+                arena.binding = (
+                    None if plan.layout is None
+                    else ArenaBinding(plan.layout, dsts, plan.placeholders)
+                )
         except BaseException:  # (Ctrl-C): the caller gives the arena back when this raises
+            arena.binding = None
             if pending is not None:
                 pending.cancel()  # a copy never started: returns once queued device copies did
             raise
-    locations = {
-        dst._cdata: spec.location
-        for spec, dst in zip(plan.storages, dsts, strict=True)
-        if spec.device.type != "cpu"
-    }
+    locations = {dsts[i]._cdata: plan.storages[i].location for i in summary.off_cpu}
     ranges = [(arena.address, arena.capacity)] if arena.capacity else []
     ranges += [(s.data_ptr(), s.nbytes()) for s in plan.cloned if s.nbytes()]
     keepalive: list[object] = list(dsts)
     keepalive += plan.cloned
     # Drop the references to the caller's storages: the snapshot must not keep them alive
     # (a pending copy holds the ones it still reads until it stopped).
-    for spec in plan.storages:
-        spec.src = None  # type: ignore[assignment]
+    plan.sources = []
     return Snapshot(
         tree=plan.tree,
-        nbytes=sum(s.nbytes for s in plan.storages) + sum(s.nbytes() for s in plan.cloned),
+        nbytes=summary.data_nbytes + sum(s.nbytes() for s in plan.cloned),
         locations=locations,
         numpy_paths=plan.numpy_paths,
         ranges=ranges,
@@ -153,6 +168,37 @@ def take_snapshot(
         _keepalive=keepalive,
         pending=pending,
     )
+
+
+@dataclass(eq=False)
+class _Summary:
+    """What every snapshot of a plan's storages needs to know about them (kept with a
+    reusable layout, so a replayed plan does not recompute it per storage)."""
+
+    everything: list[int]
+    by_device: dict[torch.device, list[int]]
+    off_cpu: list[int]
+    data_nbytes: int
+    cpu_split: CpuSplit
+
+
+def _summary(plan: SnapshotPlan) -> _Summary:
+    layout = plan.layout
+    cached = getattr(layout, "summary", None)
+    if isinstance(cached, _Summary):
+        return cached
+    by_device: dict[torch.device, list[int]] = {}
+    for i, spec in enumerate(plan.storages):
+        by_device.setdefault(spec.device, []).append(i)
+    summary = _Summary(
+        list(range(len(plan.storages))), by_device,
+        [i for i, spec in enumerate(plan.storages) if spec.device.type != "cpu"],
+        sum(spec.nbytes for spec in plan.storages),
+        CpuSplit.of(plan, by_device.get(torch.device("cpu"), [])),
+    )
+    if layout is not None:
+        layout.summary = summary
+    return summary
 
 
 class Snapshotter:
@@ -185,6 +231,11 @@ class Snapshotter:
         self._on_guard = on_guard
         self._copier = CudaCopier()
         self._copy_thread: ThreadPoolExecutor | None = None
+        # The layout of the last state planned from scratch (see replay.py); replaced whole,
+        # never changed, so concurrent saves may read it.
+        self._layout: PlanLayout | None = None
+        #: saves planned by replaying the last layout (the others were planned from scratch)
+        self.replays = 0
 
     def open(self) -> None:
         """Start the copy thread (pipelined copies run there; large eager ones share it)."""
@@ -200,8 +251,21 @@ class Snapshotter:
 
         A pipelined snapshot's background copy is not started yet: :meth:`start` starts it.
         """
-        plan = plan_snapshot(state, self._extra_types)
-        arena = self.pool.acquire(plan.nbytes)
+        # The walk allocates objects per container and tensor of the state; on a state of 1e5+
+        # tensors they trigger full collections of Python's cyclic GC, each a scan of the whole
+        # heap, in the middle of save(). Nothing here makes cycles: pause the collector.
+        paused = gc.isenabled()
+        if paused:
+            gc.disable()
+        try:
+            return self._take(state, mode, streams)
+        finally:
+            if paused:
+                gc.enable()
+
+    def _take(self, state: object, mode: SnapshotMode,
+              streams: dict[int, Any] | None) -> Snapshot:
+        plan, arena = self._plan(state, mode)
         try:
             return take_snapshot(
                 plan, arena, self._copier,
@@ -214,6 +278,31 @@ class Snapshotter:
         except BaseException:
             self.pool.release(arena)
             raise
+
+    def _plan(self, state: object, mode: SnapshotMode) -> tuple[SnapshotPlan, Arena]:
+        """Plan ``state`` (replaying the last layout when its structure repeats) and take an
+        arena for it."""
+        layout = self._layout
+        if layout is not None:
+            arena = self.pool.acquire(layout.nbytes)
+            try:
+                binding = arena.binding
+                plan = replay_plan(
+                    state, layout,
+                    binding if isinstance(binding, ArenaBinding) and binding.layout is layout
+                    else None,
+                    self._extra_types, owners=mode == "pipelined",
+                )
+            except BaseException:
+                self.pool.release(arena)
+                raise
+            if plan is not None:
+                self.replays += 1
+                return plan, arena
+            self.pool.release(arena)
+        plan = plan_snapshot(state, self._extra_types)
+        self._layout = plan.layout
+        return plan, self.pool.acquire(plan.nbytes)
 
     def start(self, snapshot: Snapshot) -> None:
         """Start a queued snapshot's background copy, if it has one."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dis
 import os
 import signal
 import subprocess
@@ -18,6 +19,7 @@ from support.helpers import WrappedStorage, folder_files
 
 import asyncckpt
 from asyncckpt import AsyncCheckpointer, Checkpointer
+from asyncckpt._core.queue import SaveQueue
 from asyncckpt.storage import LocalStorage
 
 MIB = 1 << 20
@@ -177,8 +179,10 @@ async def test_cancelling_a_save_mid_copy_releases_its_slot(tmp_path):
 
 
 def _ctrl_c_on_the_loop(monkeypatch, queue, method):
-    """Patch ``queue.<method>`` so that, when the writer's loop runs it, the training thread
-    gets a real SIGINT (it is then blocked waiting for that very call)."""
+    """Patch ``queue.<method>`` so that, when it runs, the training thread gets a real SIGINT:
+    on the writer's loop the training thread is then blocked waiting for that very call;
+    ``try_reserve`` runs on the training thread itself, which is interrupted just after it
+    took the slot."""
     main = threading.main_thread().ident
     # Python's handler even when SIGINT was inherited ignored; the caller restores ``previous``
     previous = signal.signal(signal.SIGINT, signal.default_int_handler)
@@ -194,6 +198,12 @@ def _ctrl_c_on_the_loop(monkeypatch, queue, method):
         async def patched(*args, **kwargs):
             interrupt()
             return await original(*args, **kwargs)
+    elif method == "try_reserve":
+        def patched(*args, **kwargs):  # type: ignore[misc]
+            taken = original(*args, **kwargs)
+            assert taken  # a slot was free: the interrupt lands while this save holds it
+            interrupt()
+            return taken
     else:
         def patched(*args, **kwargs):  # type: ignore[misc]
             interrupt()
@@ -203,16 +213,17 @@ def _ctrl_c_on_the_loop(monkeypatch, queue, method):
     return fired, previous
 
 
-@pytest.mark.parametrize("where", ["reserve_nowait", "wait_for_slot"])
+@pytest.mark.parametrize("where", ["try_reserve", "reserve_nowait", "wait_for_slot"])
 def test_ctrl_c_while_save_waits_for_the_writer_loses_no_queue_slot(wrapped, monkeypatch,
                                                                      where):
-    """Ctrl-C while save() waits on the writer's loop (the reservation round trip, or a full
-    queue with when_full='block'): the slot the loop hands out anyway is given back."""
+    """Ctrl-C while save() holds or waits for a slot (just after taking a free one on the
+    training thread; asking the loop about a full queue; waiting in it with
+    when_full='block'): the slot taken, or handed out by the loop anyway, is given back."""
     state = {"w": torch.ones(1000)}
     wrapped.gate = threading.Event()
     with Checkpointer(wrapped, queue_size=1, when_full="block") as ckpt:
         queue = ckpt._engine.queue
-        if where == "wait_for_slot":  # fill the queue: one save writing, one waiting
+        if where != "try_reserve":  # fill the queue: one save writing, one waiting
             ckpt.save(state, step=1)
             assert wrapped.entered.wait(timeout=60)
             ckpt.save(state, step=2)
@@ -230,3 +241,78 @@ def test_ctrl_c_while_save_waits_for_the_writer_loses_no_queue_slot(wrapped, mon
         assert queue.in_flight("step_3.pt") is None
         ckpt.save(state, step=4).wait()  # and saving goes on
     assert [c.step for c in asyncckpt.checkpoints(wrapped.inner.path)][-1] == 4
+
+
+_CALLS = {dis.opmap[name] for name in ("CALL", "CALL_FUNCTION_EX") if name in dis.opmap}
+
+
+def _interrupt_at_signal_point(code, n: int):
+    """A trace function that raises KeyboardInterrupt at the ``n``-th point, while ``code``
+    runs on the calling thread, where CPython may run a pending SIGINT handler: on entering a
+    Python function (``code`` itself or one it calls) and right after a call in ``code``
+    returns. (Not between any two bytecodes: CPython never runs handlers there, and a
+    ``with`` block's exit is not protected at those points.)"""
+    count = 0
+    active = False
+
+    def tick() -> None:
+        nonlocal count
+        count += 1
+        if count == n:
+            raise KeyboardInterrupt
+
+    def local(frame, event, arg):
+        nonlocal active
+        if event == "opcode":
+            if frame.f_lasti > 0 and last[0] in _CALLS:
+                tick()
+            last[0] = frame.f_code.co_code[frame.f_lasti]
+        elif event == "return":
+            active = False
+        return local
+
+    last = [0]
+
+    def calls(frame, event, arg):
+        nonlocal active
+        if frame.f_code is code:
+            active = True
+            last[0] = 0
+            frame.f_trace_opcodes = True
+            tick()
+            return local
+        if active:  # a function the reservation calls
+            tick()
+        return None
+
+    return calls
+
+
+@pytest.mark.timeout(120)  # a lock left held would hang the next save
+def test_ctrl_c_at_any_point_of_the_in_thread_reservation_loses_no_slot(tmp_path):
+    """The sync save() takes a free slot on the training thread: Ctrl-C at any point of that
+    where a signal handler can run leaves the slot either untaken or given back by save()."""
+    code = SaveQueue.try_reserve.__code__
+    state = {"w": torch.ones(10)}
+    previous = sys.gettrace()
+    with Checkpointer(tmp_path, queue_size=1) as ckpt:
+        queue = ckpt._engine.queue
+        n = 0
+        while True:
+            n += 1
+            sys.settrace(_interrupt_at_signal_point(code, n))
+            try:
+                handle = ckpt.save(state, step=n)
+            except KeyboardInterrupt:
+                pass
+            else:
+                break  # try_reserve ran to the end: every point in it was tried
+            finally:
+                sys.settrace(previous)
+            assert ckpt._portal.call(lambda: queue.free_slots) == 2, f"interrupted at point {n}"
+            assert queue.in_flight(f"step_{n}.pt") is None
+        assert n > 3  # entry, and after the calls in it
+        assert handle.wait().step == n
+        ckpt.flush()
+        assert ckpt._portal.call(lambda: queue.free_slots) == 2
+    assert [c.step for c in asyncckpt.checkpoints(tmp_path)] == [n]

@@ -363,7 +363,7 @@ def test_a_pipelined_snapshot_interrupted_after_queueing_its_copy_cancels_it():
         def set_(self, *args):
             raise KeyboardInterrupt
 
-    plan.tensors[-1].dst = _Interrupted()  # type: ignore[assignment]
+    plan.placeholders[-1] = _Interrupted()  # type: ignore[call-overload]
     events: list[str] = []
     monitor = CopyMonitor(probe=lambda event, index: events.append(event))
     pool = BufferPool(1, pin_memory=False)
