@@ -17,6 +17,7 @@ it), so a busy machine moves the figure and its limit alike:
 from __future__ import annotations
 
 import functools
+import math
 from typing import Any
 
 from ._options import format_size
@@ -32,7 +33,9 @@ _PIPELINED = ("asyncckpt-pipelined", "asyncckpt-pipelined-direct")
 
 
 def _div(a: float | None, b: float | None) -> float | None:
-    return None if a is None or b is None or b == 0 else a / b
+    if a is None or b is None or b == 0 or math.isnan(a) or math.isnan(b):
+        return None
+    return a / b
 
 
 def _floor(case: dict[str, Any]) -> float | None:

@@ -9,7 +9,7 @@ import os
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from ._goals import add_target, targets
+from ._goals import _div, _floor, _raw_gbps, add_target, targets
 from ._options import format_size
 
 __all__ = [
@@ -54,12 +54,6 @@ def _pct(x: float | None) -> str:
     return "–" if x is None or math.isnan(x) else f"{x:+.1f} %"
 
 
-def _div(a: float | None, b: float | None) -> float | None:
-    if a is None or b is None or b == 0 or math.isnan(a) or math.isnan(b):
-        return None
-    return a / b
-
-
 def write_json(results: dict[str, Any], path: str) -> None:
     """Write the results; NaN becomes null so any JSON reader can load it."""
 
@@ -88,17 +82,6 @@ def write_outputs(results: dict[str, Any], out: str, render: Callable[[dict[str,
     write_json(results, json_path)
     with open(md_path, "w", encoding="utf-8") as f:
         f.write(render(results))
-
-
-def _floor(case: dict[str, Any]) -> float | None:
-    refs = case["references"]
-    values = [refs[r]["p50_s"] for r in ("memcpy", "copy_") if r in refs]
-    return min(values) if values else None
-
-
-def _raw_gbps(case: dict[str, Any], ref: str) -> float | None:
-    entry = case["references"].get(ref)
-    return None if entry is None else entry["gbps"]
 
 
 def _table(header: list[str], rows: Iterable[list[str]]) -> list[str]:
