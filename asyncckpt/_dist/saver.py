@@ -196,6 +196,7 @@ class DistSaver:
             values = [i for i in items if is_bytes(i)]
             sources = [local.planner.resolve_data(i).detach() for i in tensors]
             plan = plan_snapshot(sources)
+            self.pool.drop_oversized(plan.nbytes)  # the first save copied the whole state
             arena = self.pool.acquire(plan.nbytes)
             try:
                 snapshot = take_snapshot(plan, arena)

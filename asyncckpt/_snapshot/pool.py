@@ -25,6 +25,11 @@ _GRANULE = 1 << 20  # round capacities to 1 MiB ...
 _SLACK = 0.02  # ... plus 2 %, so a state that grows a little does not reallocate every save
 
 
+def _capacity_for(nbytes: int) -> int:
+    """The capacity of a new arena for ``nbytes``: whole granules, with slack."""
+    return -(-int(nbytes * (1 + _SLACK)) // _GRANULE) * _GRANULE
+
+
 def align(n: int) -> int:
     """Round ``n`` up to the arena alignment."""
     return (n + ALIGNMENT - 1) // ALIGNMENT * ALIGNMENT
@@ -124,6 +129,20 @@ class BufferPool:
         with self._lock:
             self._in_use -= 1
 
+    def drop_oversized(self, nbytes: int) -> int:
+        """Drop the free arenas over 1.5 times the size a snapshot of ``nbytes`` needs.
+
+        For callers whose snapshots shrink for good (a multi-rank save copies this rank's
+        whole state until the first plan assigns it a share): memory follows the smaller size,
+        at the cost of faulting in one new arena. Returns the bytes dropped.
+        """
+        limit = _capacity_for(nbytes) * 3 // 2
+        with self._lock:
+            keep = [a for a in self._free if a.capacity <= limit]
+            dropped = sum(a.capacity for a in self._free) - sum(a.capacity for a in keep)
+            self._free = keep
+        return dropped
+
     def close(self) -> None:
         """Drop every free arena; arenas still in use are dropped when released."""
         with self._lock:
@@ -133,7 +152,7 @@ class BufferPool:
     def _allocate(self, nbytes: int) -> Arena:
         if nbytes == 0:
             return Arena(torch.empty(0, dtype=torch.uint8), 0, False)
-        capacity = -(-int(nbytes * (1 + _SLACK)) // _GRANULE) * _GRANULE
+        capacity = _capacity_for(nbytes)
         tensor = torch.empty(capacity, dtype=torch.uint8, pin_memory=self.pin_memory)
         with self._lock:
             self.allocations += 1

@@ -144,3 +144,13 @@ def test_a_corrupted_file_fails_verification_before_loading(ddp4, tmp_path):
         f.write(bytes([byte[0] ^ 1]))
     with pytest.raises(IntegrityError, match="__2_0.distcp: checksum"):
         load_full(copy)
+
+
+def test_host_memory_follows_the_rank_share_after_the_first_save(tmp_path):
+    held = ds.run(2, ds.scenario_replicated_memory, str(tmp_path), 3)
+    state = 8 * (2 << 20)
+    for per_save in held:
+        # the first save has no plan yet: every rank copies the whole state; from the second,
+        # each rank copies only the tensors the plan assigns it (half) and keeps no more
+        assert per_save[0] >= state
+        assert per_save[1] <= 0.6 * state and per_save[2] <= 0.6 * state

@@ -437,3 +437,15 @@ def scenario_destroy_groups(ctx: RankContext, rounds: int) -> list[tuple[bool, b
         out.append((held, freed))
         previous = pg
     return out
+
+
+def scenario_replicated_memory(ctx: RankContext, parent: str, saves: int) -> list[int]:
+    """Save the same replicated state (8 x 2 MiB, equal on every rank) ``saves`` times; the
+    bytes this rank's pool holds after each save."""
+    saver = open_saver(parent)
+    state = {f"w{i}": torch.full((512, 1024), float(i)) for i in range(8)}
+    held = []
+    for step in range(saves):
+        save(saver, state, f"step_{step}")
+        held.append(saver.pool.reserved_bytes)
+    return held

@@ -120,6 +120,17 @@ class TestSnapshotIsolation:
             pool.release(snap.arena)
         assert pool.allocations == 1
 
+    def test_drop_oversized_frees_only_arenas_over_one_and_a_half_times_the_need(self):
+        pool = BufferPool(3, pin_memory=False)
+        big, mid, small = (pool.acquire(n << 20) for n in (16, 5, 3))
+        for arena in (big, mid, small):
+            pool.release(arena)
+        # 3 MiB needs a 4 MiB arena: 16 MiB (17 with slack) goes, 5 MiB (6) stays
+        assert pool.drop_oversized(3 << 20) == big.capacity
+        assert sorted(a.capacity for a in pool._free) == sorted([mid.capacity, small.capacity])
+        assert pool.drop_oversized(3 << 20) == 0
+        assert pool.acquire(5 << 20) is mid  # what is left is still reused
+
 
 def _bytes(snap) -> bytes:
     chunks: list = []
