@@ -193,8 +193,11 @@ def serialize(
         return None
 
     data_buf = io.BytesIO()
-    pickler = pickle.Pickler(data_buf, protocol=_PICKLE_PROTOCOL)
-    pickler.persistent_id = persistent_id  # type: ignore[method-assign]  # one call, not two
+    # persistent_id as a static method: one Python call per object, not a method wrapper plus
+    # the closure (setting it on the instance is refused from Python 3.13)
+    pickler_class = type("_Pickler", (pickle.Pickler,),
+                         {"persistent_id": staticmethod(persistent_id)})
+    pickler = pickler_class(data_buf, protocol=_PICKLE_PROTOCOL)
     if dispatch is not None:
         pickler.dispatch_table = dispatch
     pickler.dump(snapshot.tree)
